@@ -329,6 +329,9 @@ def recv_exact(sock: socket.socket, size: int, deadline: Deadline, what: str) ->
         except socket.timeout:
             raise FenceTimeout(f"timed out reading {what} ({got} of {size} bytes arrived)") \
                 from None
+        except OSError as e:
+            raise ProtocolError(f"connection error while reading {what}: "
+                                f"{e.strerror or e}") from None
         if not data:
             raise ProtocolError(f"connection closed while reading {what} "
                                 f"({got} of {size} bytes arrived)")
@@ -344,6 +347,9 @@ def send_all(sock: socket.socket, data: bytes, deadline: Deadline, what: str) ->
         sock.sendall(data)
     except socket.timeout:
         raise FenceTimeout(f"timed out sending {what}") from None
+    except OSError as e:
+        raise ProtocolError(f"connection error while sending {what}: {e.strerror or e}") \
+            from None
 
 
 # ============================================================================
@@ -1832,7 +1838,9 @@ class Server:
     # -- logging helpers
     def drop(self, src: str, reason: str, detail: str, level: int = logging.WARNING) -> None:
         self.drops[reason] += 1
-        log.log(level, "drop from %s: %s: %s", src, reason, detail)
+        if not detail.startswith(reason):
+            detail = f"{reason}: {detail}"
+        log.log(level, "drop from %s: %s", src, detail)
 
     def spawn(self, fn, *args) -> None:
         if not self.slots.acquire(blocking=False):
@@ -2299,7 +2307,7 @@ def mcast_request(cc: ClientConfig, request: int, domain: str, *, family: int, g
                     if send_errors else ""
                 raise FenceTimeout(
                     f"timed out after {cc.timeout:g} s: no fence_virtd connected back to TCP "
-                    f"port {port} ({rounds} rounds sent to {group}:{port} from {sources}"
+                    f"port {port} ({rounds} round(s) sent to {group}:{port} from {sources}"
                     f"{extra}). Likely causes, in order: the daemon is not running or listens "
                     f"on another interface or group; it dropped the request for a key or "
                     f"hash mismatch (our key {key_fingerprint(cc.key)}, hash "
