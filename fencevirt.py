@@ -401,9 +401,9 @@ class Block:
 _PUNCT = "{};="
 
 
-def tokenize_config(text: str, source: str) -> list:
-    """Split config text into Tokens (protocol.md §9.1)."""
-    tokens = []
+def tokenize_config(text: str, source: str):
+    """Yield Tokens from config text (protocol.md §9.1); lazily, so that a syntax
+    error is reported before a lexical error further down (as the C parser does)."""
     i, line, n = 0, 1, len(text)
     while i < n:
         ch = text[i]
@@ -416,30 +416,41 @@ def tokenize_config(text: str, source: str) -> list:
             while i < n and text[i] != "\n":
                 i += 1
         elif ch in _PUNCT:
-            tokens.append(Token(ch, ch, line))
+            yield Token(ch, ch, line)
             i += 1
+        elif ch == '"' and text[i + 1:i + 2] == '"':
+            i += 1          # C compat: a lone '"' is skipped (so '""x"' reads as "x")
         elif ch == '"':
             end = text.find('"', i + 1)
             if end < 0:
                 raise ConfigError(f"{source}: line {line}: unterminated string")
-            if end == i + 1:
-                raise ConfigError(f'{source}: line {line}: empty string "" is not allowed')
             value = text[i + 1:end]
-            tokens.append(Token("str", value, line))
+            yield Token("str", value, line)
             line += value.count("\n")
             i = end + 1
         else:
             start = i
             while i < n and text[i] not in ' \t\r\n{};="':
                 i += 1
-            tokens.append(Token("id", text[start:i], line))
-    tokens.append(Token("eof", "", line))
-    return tokens
+            yield Token("id", text[start:i], line)
+    yield Token("eof", "", line)
+
+
+class _Lookahead:
+    """Index access to a token generator, filled on demand."""
+
+    def __init__(self, gen):
+        self.gen, self.buf = gen, []
+
+    def __getitem__(self, i: int) -> Token:
+        while len(self.buf) <= i:
+            self.buf.append(next(self.gen))
+        return self.buf[i]
 
 
 def parse_config(text: str, source: str = DEFAULT_CONFIG) -> Config:
     """Parse fence_virt.conf text; ConfigError names `source` and the line."""
-    tokens = tokenize_config(text, source)
+    tokens = _Lookahead(tokenize_config(text, source))
     pos = 0
 
     def fail(tok: Token, what: str):
@@ -493,7 +504,7 @@ def parse_config(text: str, source: str = DEFAULT_CONFIG) -> Config:
     root = Block("", None, 0)
     items(root, False)
     if not root.items:
-        raise ConfigError(f"{source}: line {tokens[-1].line}: the file holds no settings")
+        raise ConfigError(f"{source}: line {tokens[pos].line}: the file holds no settings")
     return Config(root, source)
 
 
@@ -521,8 +532,8 @@ class Config:
     def get_all(self, path: str) -> list:
         """Every value of a repeated key ('backends/libvirt/@uri'), in file order."""
         head, _, key = path.rpartition("/@")
-        blk = self.node(head) if head else self.root
-        return [] if blk is None else blk.values(key)
+        blk = self._walk(head) if head else self.root
+        return blk.values(key) if isinstance(blk, Block) else []
 
     def _walk(self, path: str):
         cur = self.root
@@ -546,7 +557,8 @@ class Config:
             if sel is None:
                 cur = blocks[-1] if blocks else None
             elif sel.startswith("@"):
-                cur = next((b for b in reversed(blocks) if b.value == sel[1:]), None)
+                cur = next((b for b in reversed(blocks)
+                            if (b.value or "").lower() == sel[1:].lower()), None)
             else:
                 n = int(sel)
                 cur = blocks[-n] if 1 <= n <= len(blocks) else None
@@ -774,7 +786,8 @@ def unpack_host_state(data: bytes) -> HostInfo:
     if len(data) != HOST_STATE_SIZE:
         raise ProtocolError(f"host record of {len(data)} bytes, expected {HOST_STATE_SIZE}")
     name, uuid, state, _pad = HOST_STATE.unpack(data)
-    return HostInfo(decode_cstr(name), decode_cstr(uuid), state)
+    # byte 63 of each field is never written by C (stack garbage): ignore it
+    return HostInfo(decode_cstr(name[:63]), decode_cstr(uuid[:63]), state)
 
 
 def pack_hostlist(hosts) -> bytes:
