@@ -268,9 +268,14 @@ def set_op_deadline(deadline: Deadline | None) -> None:
     _OP.deadline = deadline
 
 
+def op_budget() -> Deadline | None:
+    """This thread's request budget, or None (command-line use)."""
+    return getattr(_OP, "deadline", None)
+
+
 def op_deadline(default: float) -> Deadline:
     """This thread's request budget, or a fresh one of `default` seconds."""
-    dl = getattr(_OP, "deadline", None)
+    dl = op_budget()
     return dl if dl is not None else Deadline(default)
 
 
@@ -632,7 +637,7 @@ KNOWN_KEYS = {
     "fence_virtd": {"listener", "backend", "module_path", "foreground", "wait_for_init",
                     "wait_for_backend", "debug", "name_mode", "backend_timeout"},
     "listeners/multicast": {"key_file", "hash", "auth", "family", "address", "port",
-                            "interface", "check_source", "owner_only", "peers"},
+                            "interface", "check_source", "owner_only", "peers", "hints"},
     "listeners/tcp": {"key_file", "hash", "auth", "family", "address", "port"},
     "listeners/vsock": {"key_file", "hash", "auth", "port"},
     "listeners/serial": {"uri", "path", "mode", "key_file"},
@@ -1592,7 +1597,9 @@ class LibvirtVirsh:
     def run(self, uri: str, *args: str, retry: bool = True) -> str:
         """One virsh call. While libvirtd cannot be reached it is retried with a bounded
         back-off inside this thread's request budget (op_deadline; none: one try)."""
-        deadline = op_deadline(0.0)
+        budget = op_budget()
+        deadline = budget or Deadline(self.TIMEOUT)     # no budget: one try of TIMEOUT
+        retry = retry and budget is not None
         delay, attempts, t0 = 0.25, 0, time.monotonic()
         while True:
             attempts += 1
@@ -2178,6 +2185,15 @@ class CpgBackend(Backend):
     def route(self, code: int, domain: str, verify: float):
         if code not in ROUTED:
             return None
+        for _attempt in range(3):           # the owner's copy may vanish while we ask
+            result = self._route_once(code, domain)
+            if result is not self.AGAIN:
+                return result
+        raise BackendError(f"{domain!r} kept moving between hosts while we asked; try again")
+
+    AGAIN = object()
+
+    def _route_once(self, code: int, domain: str):
         try:
             mine = self._local_lookup(domain)
         except NoSuchDomain:
@@ -2248,6 +2264,11 @@ class CpgBackend(Backend):
                             return self._no_owner(code, domain, f"node {unowned[0]} answered "
                                                   f"for the group; no member stores it")
                     live = {n for n, _p in self.members}
+                    if want and want & live and not want & {n for n, _h in
+                                                             self._copies(domain)}:
+                        log.info("cpg: %r left node(s) %s while we asked; asking again",
+                                 domain, sorted(want))
+                        return self.AGAIN
                     if want and not want & live:
                         return self._no_owner(code, domain, f"its owner, node(s) "
                                               f"{sorted(want)}, left the group during the "
@@ -2522,7 +2543,18 @@ LISTENERS: dict = {}
 
 class History:
     """Requests served recently: (request, seqno, domain) for 10 s as the C daemon keeps
-    them, plus the exact packets served (their digests) for REPLAY_SECONDS."""
+    them, plus the exact packets served (their digests) for REPLAY_SECONDS.
+
+    Why these windows: the 10 s key drops the retransmissions and per-address copies of
+    one fence_xvm run (same seqno, new random bytes each). A legitimate client never
+    sends the same bytes twice (6 fresh random bytes are signed into every packet), so
+    a byte-identical packet is always a replay and the digest store has no false
+    positives; it is bounded by REPLAY_MAX entries (~10 MB) and kept 600 s, longer than
+    any fence_xvm -t or Pacemaker stonith-timeout. A replay older than that still has
+    to pass the challenge-response, which needs the key, unless auth = "none"; with
+    check_source it must also come from the address it names. Only packets that passed
+    auth are recorded, so unauthenticated traffic cannot fill the store.
+    """
 
     def __init__(self, window: float = HISTORY_SECONDS, replay: float = REPLAY_SECONDS):
         self.window = window
@@ -3309,21 +3341,29 @@ class SerialListener(Listener):
         server = self.server
         op = Request(req.request).name.lower() if req.request in Request.__members__.values() \
             else str(req.request)
+        # Mirrors Server.serve() after its auth step (no note after the result here: the
+        # serial framing has no room for one).
         try:
+            note = ""
             try:
                 result = run_bounded(lambda: handle_request(req, server.backend, server.acl,
                                                             chan.uuid, server.locks),
-                                     server.backend_timeout, f"{op} {req.domain!r}")
+                                     server.backend_timeout, f"{op} {req.domain!r}",
+                                     gate=server.backend_gate)
             except FenceError as e:
                 log.error("%s %r from %s failed: %s", op, req.domain, chan.uuid, e)
-                result = Response.FAIL
+                result, note = Response.FAIL, str(e)
+                server.note_event("failure", chan.uuid, "backend failed" if isinstance(
+                    e, BackendError) else "failed", f"{op} {req.domain!r}: {e}")
             except Exception as e:  # noqa: BLE001 - never a false success
                 log.error("%s %r from %s: internal error %s: %s", op, req.domain, chan.uuid,
                           type(e).__name__, e)
-                result = Response.FAIL
+                result, note = Response.FAIL, f"internal error {type(e).__name__}"
+            if not note and not isinstance(result, list):
+                note = server.why_not(req, result)
             data = pack_serial_reply(result)
             shown = (f"list ({len(result)} domains)" if isinstance(result, list)
-                     else Response(result).name.lower())
+                     else Response(result).name.lower() + (f" ({note})" if note else ""))
             try:
                 with chan.wlock:
                     self.write_all(chan.sock, data, Deadline(SERIAL_WRITE_TIMEOUT))
@@ -5317,7 +5357,8 @@ def agent_usage(role: str) -> str:
 GLUE_PLUGIN_DIR = "/usr/lib/stonith/plugins/external"
 GLUE_CONFIG_NAMES = ("hostlist", "hypervisor_uri", "reset_method")
 RESET_METHODS = ("power_cycle", "reboot")
-GLUE_OP_TIMEOUT = 60.0       # s, budget of one plugin call (all its libvirt calls)
+GLUE_CONNECT_TIMEOUT = 3.0   # s, to reach libvirtd and find the domain (retries included)
+GLUE_OP_TIMEOUT = 60.0       # s, then for the action itself (Pacemaker's stonith-timeout)
 GLUE_INFO = {
     "getinfo-devid": "libvirt STONITH device (fencevirt)",
     "getinfo-devname": "libvirt STONITH external device (fencevirt)",
@@ -6261,6 +6302,7 @@ def _glue_target(env, argv: list, op: str):
     except BaseException:
         backend.close()
         raise
+    set_op_deadline(Deadline(GLUE_OP_TIMEOUT))
     return prm, node, backend, info
 
 
@@ -6372,8 +6414,9 @@ def cmd_stonith_plugin(argv: list) -> int:
     """stonith-plugin OP [NODE]: cluster-glue external plugin (external/libvirt drop-in)."""
     setup_logging(os.environ.get("HA_LOGTAG") or "external/fencevirt", logging.INFO,
                   use_syslog=True)
-    # cluster-glue sets no time limit; Pacemaker's default stonith-timeout is 60 s
-    set_op_deadline(Deadline(GLUE_OP_TIMEOUT))
+    # cluster-glue sets no time limit: fail fast while libvirtd cannot be reached (status
+    # is a monitor), then give the action itself up to GLUE_OP_TIMEOUT (_glue_target)
+    set_op_deadline(Deadline(GLUE_CONNECT_TIMEOUT))
     op = argv[0] if argv else ""
     fn = GLUE_OPS.get(op)
     if fn is None:
@@ -6725,7 +6768,7 @@ def build_host_map(nodes: list, domains: list) -> tuple:
     for node in nodes:
         found = None
         for how, test in tests:
-            hits = [d for d in domains if test(node, d) and d.uuid not in used]
+            hits = [d for d in domains if test(node, d) and id(d) not in used]
             if len(hits) > 1:
                 warnings.append(f"node {node!r} matches {len(hits)} domains by {how}: "
                                 f"{', '.join(d.name for d in hits)}; map it by hand")
@@ -6738,8 +6781,8 @@ def build_host_map(nodes: list, domains: list) -> tuple:
                 warnings.append(f"node {node!r} matches no domain; map it by hand "
                                 f"({node}:<domain>)")
             continue
-        used.add(found.uuid)
-        target = found.uuid if pacemaker_name_problem(found.name) else found.name
+        used.add(id(found))
+        target = found.uuid if pacemaker_name_problem(found.name) and found.uuid else found.name
         pairs.append((node, target))
     return pairs, warnings
 
@@ -6787,10 +6830,11 @@ def cmd_host_map(argv: list, role: str = "xvm") -> int:
 
 
 def cmd_help(argv: list) -> int:
+    """help: this list."""
     print(__doc__.strip())
     print("\ncommands:")
     for name, fn in COMMANDS.items():
-        print(f"  {name:<14} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {name:<14} {((fn.__doc__ or '').strip().splitlines() or [''])[0]}")
     return ExitCode.OK
 
 

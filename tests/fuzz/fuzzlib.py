@@ -115,22 +115,16 @@ class Worker(object):
             return
         self.sent[cls] += 1
 
-    def accept(self, timeout):
-        r, _, _ = select.select([self.lsock], [], [], timeout)
-        if not r:
-            return None
-        conn, _ = self.lsock.accept()
-        conn.settimeout(3.0)
-        return conn
-
     def drain_accepts(self):
-        """Connections the daemon opened for packets we did not wait for: close them."""
+        """The sink port is in packets that must never be served: any connect-back to it
+        is counted (and closed unanswered)."""
         while True:
             r, _, _ = select.select([self.lsock], [], [], 0)
             if not r:
                 return
             conn, _ = self.lsock.accept()
             conn.close()
+            self.note("sink", "CONNECT-BACK FOR A PACKET THAT MUST NOT BE SERVED")
 
     def recv_n(self, conn, n):
         buf = b""
@@ -156,8 +150,8 @@ class Worker(object):
 
     def m_bitflip(self):
         pkt = bytearray(self.valid(fv.Request.OFF))
-        for _ in range(self.rng.randint(1, 3)):
-            bit = self.rng.randrange(176 * 8)
+        # distinct bits: flipping one bit twice would give back the valid packet
+        for bit in self.rng.sample(range(176 * 8), self.rng.randint(1, 3)):
             pkt[bit // 8] ^= 1 << (bit % 8)
         return bytes(pkt)
 
@@ -205,15 +199,32 @@ class Worker(object):
                     self.key)
 
     # -- signed and served by a correct peer: weird domains and request codes
-    def exchange(self, pkt, cls, behave="good"):
-        """Send pkt, accept the connect-back, act as `behave`; return the result byte."""
+    def exchange(self, build, cls, behave="good", keep=None):
+        """Send build(port), accept the connect-back, act as `behave`; the result byte.
+
+        Every exchange listens on a fresh port, so a late connect-back for an earlier
+        packet (the daemon may lag behind a flood) can never be taken for this one.
+        `keep` (a list) receives the listener and packet instead of closing it.
+        """
         self.drain_accepts()
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.bind((self.src, 0))
+        ls.listen(8)
+        pkt = build(ls.getsockname()[1])
+        if keep is not None:
+            keep.extend((ls, pkt))
         conn = None
-        for _ in range(3):              # a real client retransmits a lost datagram too
-            self.send(cls, pkt)
-            conn = self.accept(1.0)
-            if conn is not None:
-                break
+        try:
+            for _ in range(3):          # a real client retransmits a lost datagram too
+                self.send(cls, pkt)
+                r, _, _ = select.select([ls], [], [], 1.0)
+                if r:
+                    conn, _ = ls.accept()
+                    conn.settimeout(3.0)
+                    break
+        finally:
+            if keep is None:
+                ls.close()
         if conn is None:
             self.note(cls, "no connect-back")
             return None
@@ -303,8 +314,9 @@ class Worker(object):
                 dom = b"zz" + dom
             req = self.rng.choice((fv.Request.STATUS, fv.Request.OFF, fv.Request.REBOOT,
                                    fv.Request.ON))
-            pkt = sign(raw_request(req, dom, self.src_b, self.lport, self.seqno()), self.key)
-            res = self.exchange(pkt, cls)
+            seq = self.seqno()
+            res = self.exchange(lambda port: sign(raw_request(req, dom, self.src_b, port, seq),
+                                                  self.key), cls)
             want = {fv.Request.STATUS: 2}.get(req, 1)
             if res is not None:
                 self.note(cls, "result %s (%s)" % (res, "expected" if res == want
@@ -313,8 +325,9 @@ class Worker(object):
             code = self.rng.choice((0, 5, 6, 7, 8, 9, 99, 255, self.rng.randrange(256)))
             if code in (1, 2, 3):
                 code = 0
-            pkt = sign(raw_request(code, b"", self.src_b, self.lport, self.seqno()), self.key)
-            res = self.exchange(pkt, cls)
+            seq = self.seqno()
+            res = self.exchange(lambda port: sign(raw_request(code, b"", self.src_b, port, seq),
+                                                  self.key), cls)
             if code == 6:
                 want = 253
             elif code == 5:
@@ -333,38 +346,39 @@ class Worker(object):
             return
         if cls == "peer-stall" and not self.stall:
             return
-        self.exchange(self.valid(fv.Request.OFF), cls, behave=cls)
+        self.exchange(lambda port: self.valid(fv.Request.OFF, port=port), cls, behave=cls)
 
     def replay(self, cls):
         """Serve one OFF of the off domain (no state change), then replay it."""
         rnd = os.urandom(6)
         seq = self.seqno()
-        pkt = sign(raw_request(fv.Request.OFF, self.off_domain.encode(), self.src_b, self.lport,
-                               seq, rnd=rnd), self.key)
-        first = self.exchange(pkt, cls)
-        if first != 0:
-            self.note(cls, "original not served (result %s)" % first)
-            return
-        if cls == "replay":
-            again = pkt                                   # the exact captured bytes
-        else:
-            again = sign(raw_request(fv.Request.OFF, self.off_domain.encode(), self.src_b,
-                                     self.lport, seq), self.key)   # same seqno, new random
-        for _ in range(3):
-            self.send(cls, again)
-        conn = self.accept(0.5)
-        if conn is None:
-            self.note(cls, "replay refused")
-        else:
-            conn.close()
-            self.note(cls, "REPLAY SERVED")
-
-    def replay_captured(self, pkt, wait=0.5):
-        """Replay bytes captured from another client (the C fence_xvm)."""
-        for _ in range(3):
-            self.send("replay", pkt)
-        r, _, _ = select.select([self.lsock], [], [], wait)
-        return bool(r)
+        kept = []
+        first = self.exchange(lambda port: sign(raw_request(
+            fv.Request.OFF, self.off_domain.encode(), self.src_b, port, seq, rnd=rnd),
+            self.key), cls, keep=kept)
+        ls, pkt = kept
+        try:
+            if first != 0:
+                self.note(cls, "original not served (result %s)" % first)
+                return
+            if cls == "replay":
+                again = pkt                               # the exact captured bytes
+            else:                                         # same seqno, new random
+                again = sign(raw_request(fv.Request.OFF, self.off_domain.encode(), self.src_b,
+                                         ls.getsockname()[1], seq), self.key)
+            for _ in range(3):
+                self.send(cls, again)
+            # A marker exchange: the daemon reads packets in order, so once the marker is
+            # answered the replays were handled; any connect-back for them is here by now.
+            self.exchange(lambda port: self.valid(fv.Request.STATUS, port=port), cls)
+            r, _, _ = select.select([ls], [], [], 0.3)
+            if r:
+                ls.accept()[0].close()
+                self.note(cls, "REPLAY SERVED")
+            else:
+                self.note(cls, "replay refused")
+        finally:
+            ls.close()
 
     def run(self, packets, deadline_s):
         start = time.monotonic()

@@ -20,12 +20,14 @@ GUEST_IP = "198.18.0.11"
 
 class Scenario(object):
     def __init__(self, name, client_args, rc, client_re, log_re, guest_doctor_re,
-                 host_doctor_re, conf=None, setup=None, daemon=True, c_rc=1, doctor_args=()):
+                 host_doctor_re, conf=None, setup=None, daemon=True, c_rc=1, doctor_args=(),
+                 timeout=2):
         self.name, self.client_args, self.rc = name, client_args, rc
         self.client_re, self.log_re = client_re, log_re
         self.guest_doctor_re, self.host_doctor_re = guest_doctor_re, host_doctor_re
         self.conf, self.setup, self.daemon, self.c_rc = conf or {}, setup, daemon, c_rc
         self.doctor_args = list(doctor_args)
+        self.timeout = timeout      # the daemon's reconnect to a stopped libvirtd takes longer
 
     def __repr__(self):
         return self.name
@@ -80,7 +82,7 @@ SCENARIOS = [
              r"Operation failed: fence_virtd could not off pcmk-1: .*libvirt",
              r"off 'pcmk-1' from 198\.18\.0\.11 failed: .*libvirt",
              r"FAIL list: fence_virtd answered failure", r"FAIL backend: .*libvirt",
-             conf={"libvirtd": True}),
+             conf={"libvirtd": True}, timeout=10),
     Scenario("unknown-domain", ["-o", "off", "-H", "no-such-vm"], 1,
              r"Operation failed: fence_virtd could not off no-such-vm: unknown domain "
              r"'no-such-vm'",
@@ -121,6 +123,9 @@ def _start(sc, diag_lab, tmp_path):
     else:
         uri = L.write_node_xml(tmp_path / "node.xml")
     conf = L.mcast_conf(key, uri, interface=sc.conf.get("interface", "br0"))
+    if lv is not None:
+        # the daemon retries a lost libvirtd within its budget: keep that short here
+        conf = conf.replace("fence_virtd {\n", 'fence_virtd {\n\tbackend_timeout = "4";\n', 1)
     py, env = _python()
     try:
         daemon = L.start_our_daemon(diag_lab.host, conf, tmp_path / "d", python=py, env=env) \
@@ -148,19 +153,19 @@ def test_scenario(sc, diag_lab, tmp_path):
             args = _fmt(sc.client_args, key, wrong)
             if "-k" not in args:
                 args += ["-k", str(key)]
-            res = L.our_client(guest, args + ["-t", "2"], timeout=30)
+            res = L.our_client(guest, args + ["-t", str(sc.timeout)], timeout=60)
             sys.stderr.write("%s: rc=%s %.2fs %s\n" % (sc.name, res.rc, res.elapsed,
                                                        res.stderr.strip()))
             assert res.rc == sc.rc, res
             assert re.search(sc.client_re, res.stderr), res
-            assert res.elapsed < 2 + 1.5, res           # within the agent's timeout
+            assert res.elapsed < sc.timeout + 1.5, res   # within the agent's timeout
             if daemon is not None and sc.log_re:
                 L.wait_for(lambda: re.search(sc.log_re, daemon.log()), daemon.proc,
                            daemon.log_path, timeout=8, what=sc.log_re)
             dargs = _fmt(sc.doctor_args, key, wrong)
             if "-k" not in dargs:
                 dargs += ["-k", str(key)]
-            doc = L.our_client(guest, ["doctor"] + dargs + ["-t", "2"], timeout=60)
+            doc = L.our_client(guest, ["doctor"] + dargs + ["-t", str(sc.timeout)], timeout=90)
             assert doc.rc == 1 and re.search(sc.guest_doctor_re, doc.stdout), doc
             time.sleep(1.1)                            # the state file is written once a second
             hdoc = _host_doctor(diag_lab, tmp_path, conf)
@@ -187,7 +192,7 @@ def test_c_client_daemon_log(sc, diag_lab, tmp_path):
             args = _fmt(sc.client_args, key, wrong)
             if "-k" not in args:
                 args += ["-k", str(key)]
-            res = L.c_client(diag_lab.guests[0], args + ["-t", "2"], timeout=30)
+            res = L.c_client(diag_lab.guests[0], args + ["-t", str(sc.timeout)], timeout=60)
             assert res.rc == sc.c_rc, res
             log_re = sc.log_re.replace(r"key mismatch", r"key mismatch: sha256 digest")
             L.wait_for(lambda: re.search(log_re, daemon.log()), daemon.proc, daemon.log_path,

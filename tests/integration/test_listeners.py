@@ -691,3 +691,28 @@ def test_our_serial_client_errors_say_what_to_check(tmp_path):
         os.close(slave)
     assert res.rc == 1 and "no reply on %s within 1 s" % device in res.stderr, res
     assert 'listener "serial"' in res.stderr, res
+
+
+def test_tcp_and_serial_listeners_in_one_daemon(loopback_lab, keyfile):
+    """Ours only (C takes one listener name): listener = "tcp,serial" serves both."""
+    work = tempfile.mkdtemp(prefix="i6-two-")
+    uri = write_serial_node(work)
+    conf = serial_conf(uri, keyfile, "serial").replace(
+        'listener = "serial";', 'listener = "tcp,serial";').replace(
+        "listeners {\n", 'listeners {\n\ttcp {\n\t\tkey_file = "%s";\n\t}\n' % keyfile)
+    q = FakeQemu("%s/ser-1.ser" % work, "pty")
+    d = start_our_daemon(loopback_lab.host, conf, work)
+    try:
+        q.wait_daemon()
+        res = c_client(loopback_lab.host, ["-T", "127.0.0.1", "-k", keyfile, "-t", "5", "-o",
+                                           "list"], binary="fence_virt")
+        want = ser_list("ser-1", "ser-2", "ser-3")
+        assert (res.rc, norm_list(res)) == (0, want), res
+        res = serial_client("c", q, ["-o", "list"])
+        assert (res.rc, norm_list(res)) == (0, want), res
+        log = d.log()
+    finally:
+        d.stop()
+        q.close()
+        shutil.rmtree(work, ignore_errors=True)
+    assert "via=tcp op=hostlist" in log and "via=serial op=hostlist" in log, log

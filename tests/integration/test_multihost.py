@@ -254,6 +254,7 @@ def ask(kind, topo, key, action, name, *extra):
     return client(kind, topo.guest, key, "-o", action, "-H", name, *extra)
 
 
+@pytest.mark.cpg
 def test_cpg_routing_and_migration(cluster, tmp_path, key):
     topo = cluster
     daemons, states = start_pair(topo, tmp_path, key, backend="cpg", listener_extra="")
@@ -305,6 +306,7 @@ def test_cpg_routing_and_migration(cluster, tmp_path, key):
         lab.stop_all(daemons)
 
 
+@pytest.mark.cpg
 def test_cpg_loss_of_daemon_and_corosync(cluster, tmp_path, key):
     topo = cluster
     daemons, states = start_pair(topo, tmp_path, key, backend="cpg", listener_extra="")
@@ -373,6 +375,7 @@ def test_cpg_loss_of_daemon_and_corosync(cluster, tmp_path, key):
             restart_corosync(topo, "h2")
 
 
+@pytest.mark.cpg
 def test_cpg_no_owner_assume_off_is_opt_in(cluster, tmp_path, key):
     topo = cluster
     extra = '\t\tno_owner = "assume-off";\n\t\tsettle = "1";\n'
@@ -396,6 +399,7 @@ def test_cpg_no_owner_assume_off_is_opt_in(cluster, tmp_path, key):
         lab.stop_all(daemons)
 
 
+@pytest.mark.cpg
 def test_cpg_mixed_with_c_daemon(cluster, tmp_path, key):
     """C fence_virtd (cpg backend, libvirt test driver) on h2, ours on h1, one group."""
     topo = cluster
@@ -463,6 +467,7 @@ def test_cpg_mixed_with_c_daemon(cluster, tmp_path, key):
         ours.stop()
 
 
+@pytest.mark.cpg
 def test_cpg_without_corosync_fails_with_a_reason(topo, tmp_path, key):
     """No corosync in this network namespace: the daemon stops at start with the reason."""
     require_corosync()

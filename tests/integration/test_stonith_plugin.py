@@ -242,7 +242,7 @@ def test_fence_xvm_direct_uri(env, python):
     r = direct(env, "-o", "off", "-n", "i7-no-such-domain", python=python)
     assert r.rc == 1 and "no domain 'i7-no-such-domain'" in r.stderr, r
     r = lab.our_client(env["ns"], ["--hypervisor-uri", "qemu+tcp://198.18.0.1:16599/system",
-                                   "-o", "off", "-n", dom], python=python)
+                                   "-o", "off", "-n", dom, "-t", "3"], python=python)
     assert r.rc == 1 and "Connection refused" in r.stderr, r
     r = lab.our_client(env["ns"], ["--hypervisor-uri", "qemu+tcp:/198.18.0.1/system",
                                    "-o", "off", "-n", dom], python=python)
@@ -288,7 +288,7 @@ def test_mixed_case_hostlist_node(env, flavour):
     r = stonith(env, flavour, params, "-T", "on", "I7Mixed-Node")
     TABLE.append((flavour, "on, hostlist Node:dom", r.rc, env["lv"].domstate(dom), r.elapsed))
     if flavour == "glue":
-        assert r.rc != 0 and "Should never happen" in r.output, r
+        assert r.rc != 0, r          # its "Should never happen" goes to syslog only
     else:
         assert r.rc == 0, r
     assert env["lv"].domstate(dom) == "running"
