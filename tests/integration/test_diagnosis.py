@@ -74,7 +74,8 @@ SCENARIOS = [
              r"FAIL connect-back: .*firewall", r"FAIL recent drop: .*connect-back failed",
              setup=_firewall),
     Scenario("wrong-interface", ["-o", "status", "-H", "pcmk-1"], 1,
-             r"timed out after 2 s: no connect-back:",
+             r"timed out after 2 s: wrong interface: fence_virtd at 198\.18\.0\.1 dropped our "
+             r"request \(request for 225\.0\.0\.12:1229 arrived on br0",
              r"drop from 198\.18\.0\.11: wrong interface: .*arrived on br0",
              r"answers unicast but not 225\.0\.0\.12", r"FAIL recent drop: .*wrong interface",
              conf={"interface": "i10d0"}, setup=_other_interface, doctor_args=["--host", "198.18.0.1"]),

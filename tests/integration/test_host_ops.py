@@ -534,3 +534,27 @@ def test_libvirtd_killed_restarted_and_hung(libvirtd, tmp_path, driver):
         if libvirtd.proc.poll() is not None:
             _restart_libvirtd(libvirtd)
         sys.stderr.write("\n".join(["", "libvirt faults, %s driver:" % driver] + report) + "\n")
+
+
+def test_install_launcher_runs_cached_bytecode_and_uninstalls(tmp_path):
+    """--launcher: the role links point at a small script that imports the byte-compiled
+    file; every role still works through it, and uninstall removes it again."""
+    import importlib.util
+    sbin, lib, manifest = tmp_path / "sbin", tmp_path / "lib", tmp_path / "m.json"
+    res = run(None, [sys.executable, FENCEVIRT, "install", "--prefix", sbin, "--launcher", lib,
+                     "--manifest", manifest, "--python", "/usr/bin/python3"], timeout=60)
+    assert res.rc == 0, res
+    launcher = lib / "fencevirt"
+    assert os.readlink(str(sbin / "fence_xvm")) == str(launcher)
+    assert os.stat(str(launcher)).st_mode & 0o777 == 0o755
+    assert os.path.exists(importlib.util.cache_from_source(str(FENCEVIRT)))
+    direct = run(None, [sys.executable, FENCEVIRT, "xvm", "-o", "metadata"], timeout=30)
+    via = run(None, [sbin / "fence_xvm", "-o", "metadata"], timeout=30)
+    assert via.rc == 0 and via.stdout == direct.stdout, via
+    via = run(None, [sbin / "fence_virt", "-o", "metadata"], timeout=30)
+    assert via.rc == 0 and 'name="fence_virt"' in via.stdout, via
+    res = run(None, [sbin / "fence_xvm", "-o", "bogus"], timeout=30)
+    assert res.rc == 1 and "Unrecognised action" in res.stderr, res
+    res = run(None, [sys.executable, FENCEVIRT, "uninstall", "--manifest", manifest], timeout=30)
+    assert res.rc == 0, res
+    assert not sbin.exists() and not lib.exists()
