@@ -59,7 +59,8 @@ def in_ci():
 # ---------------------------------------------------------------------------
 # polling, stopping, running
 
-def _tail(log_path, nbytes=4000):
+def tail(log_path, nbytes=4000):
+    """The last `nbytes` of log_path, headed for an assertion message ("" for None)."""
     if not log_path:
         return ""
     try:
@@ -73,35 +74,63 @@ def _tail(log_path, nbytes=4000):
     return "\n--- tail of %s ---\n%s" % (log_path, data.decode("utf-8", "replace"))
 
 
-def wait_for(cond, proc=None, log_path=None, timeout=5, what=""):
-    """Poll cond() every 20 ms until it returns something truthy; return that.
+def _as_list(x):
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def wait_for(cond, proc=None, log_path=None, timeout=5, what="", interval=0.02):
+    """Poll cond() every `interval` s until it returns something truthy; return that.
 
     Raises AssertionError after `timeout` seconds, or as soon as `proc` (a
-    Popen) has exited, with the tail of `log_path` in the message.
+    Popen, or a list of them) has exited, with the tail of `log_path` (a path
+    or a list of paths) in the message.
     """
     deadline = time.monotonic() + timeout
     label = what or getattr(cond, "__name__", "condition")
+    procs, log_paths = _as_list(proc), _as_list(log_path)
+
+    def logs():
+        return "".join(tail(p) for p in log_paths)
     while True:
         value = cond()
         if value:
             return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError("process %s exited with %s while waiting for %s%s"
-                                 % (proc.pid, proc.returncode, label, _tail(log_path)))
+        for p in procs:
+            if p.poll() is not None:
+                raise AssertionError("process %s exited with %s while waiting for %s%s"
+                                     % (p.pid, p.returncode, label, logs()))
         if time.monotonic() >= deadline:
             raise AssertionError("timed out after %.1f s waiting for %s%s"
-                                 % (timeout, label, _tail(log_path)))
-        time.sleep(0.02)
+                                 % (timeout, label, logs()))
+        time.sleep(interval)
 
 
-def _pid_gone(pid):
-    """True if pid no longer exists or is a zombie (not our child)."""
+def pid_alive(pid):
+    """True while pid exists and is not a zombie (also for processes not our children)."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             stat = f.read()
     except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+def pid_children(pid):
+    """PIDs whose parent is pid."""
+    kids = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                fields = f.read().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(d))
+    return kids
 
 
 def stop_by_pid(proc_or_pid, timeout=10):
@@ -132,7 +161,7 @@ def stop_by_pid(proc_or_pid, timeout=10):
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return None
         except ChildProcessError:
-            if _pid_gone(pid):
+            if not pid_alive(pid):
                 return None
         time.sleep(0.02)
     with contextlib.suppress(ProcessLookupError):
@@ -261,16 +290,83 @@ def missing_components(*what):
     return reasons
 
 
-def require(*components):
-    """Skip the calling test locally, or fail it under CI, unless every named
-    component is usable (names as for missing_components)."""
-    reasons = missing_components(*components)
+def missing_commands(*names):
+    """Reasons why the named commands (on PATH, in /usr/sbin or /sbin, or absolute
+    paths) are not executable; [] when all are."""
+    reasons = []
+    for n in names:
+        if os.path.isabs(n):
+            found = os.access(n, os.X_OK)
+        else:
+            found = shutil.which(n) is not None or any(
+                os.access(os.path.join(d, n), os.X_OK) for d in ("/usr/sbin", "/sbin"))
+        if not found:
+            reasons.append("command %s missing" % n)
+    return reasons
+
+
+def skip_or_fail(*reasons):
+    """Skip the calling test locally, or fail it under CI, when any reason is given."""
     if reasons:
         import pytest
         msg = "; ".join(reasons)
         if in_ci():
             pytest.fail("required component missing under CI: " + msg, pytrace=False)
         pytest.skip(msg)
+
+
+def require(*components, commands=()):
+    """Skip the calling test locally, or fail it under CI, unless every named
+    component (names as for missing_components) and command is usable."""
+    skip_or_fail(*(missing_components(*components) + missing_commands(*commands)))
+
+
+# ---------------------------------------------------------------------------
+# machine-wide locks
+
+class FileLock(object):
+    """Exclusive flock on `path`, waited for up to `timeout` s; the holder's pid is
+    written into the file.  Take LOCK_LIBVIRTD before any other lock."""
+
+    def __init__(self, path, timeout=900):
+        self.path = path
+        self.timeout = timeout
+        self.fd = None
+
+    def acquire(self):
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    os.close(fd)
+                    raise
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    holder = "?"
+                    with contextlib.suppress(OSError):
+                        holder = Path(self.path).read_text().strip()
+                    raise AssertionError("could not lock %s within %s s (held by pid %s: "
+                                         "another test run)" % (self.path, self.timeout, holder))
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.write(fd, ("%d\n" % os.getpid()).encode())
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)       # releases the flock
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 # ---------------------------------------------------------------------------
@@ -552,7 +648,7 @@ class Daemon(object):
     def assert_alive(self):
         if not self.alive():
             raise AssertionError("%s daemon (pid %s) died with %s%s" % (
-                self.kind, self.pid, self.proc.returncode, _tail(self.log_path)))
+                self.kind, self.pid, self.proc.returncode, tail(self.log_path)))
 
     def __enter__(self):
         return self
@@ -729,22 +825,10 @@ class Libvirtd(object):
                    timeout=kw.get("timeout", 60), check=kw.get("check", False))
 
     def start(self, lock_timeout=900, ready_timeout=60):
-        fd = os.open(LOCK_LIBVIRTD, os.O_RDWR | os.O_CREAT, 0o644)
-        self._lock = fd
-        deadline = time.monotonic() + lock_timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                if time.monotonic() > deadline:
-                    self.close()
-                    raise AssertionError("could not get %s within %s s (another test run "
-                                         "holds libvirtd)" % (LOCK_LIBVIRTD, lock_timeout))
-                time.sleep(0.2)
+        self._lock = FileLock(LOCK_LIBVIRTD, lock_timeout).acquire()
         try:
+            if self.virsh("version", timeout=10).rc == 0:
+                raise AssertionError("a libvirtd not started by this harness is already running")
             conf = self.workdir / "libvirtd.conf"
             conf.write_text(_LIBVIRTD_CONF % {"addr": self.listen_addr})
             with open(str(self.log_path), "wb") as out:
@@ -780,6 +864,11 @@ class Libvirtd(object):
         """'running', 'shut off', ... (virsh domstate)."""
         return self.virsh("domstate", name, check=True).stdout.strip()
 
+    def domid(self, name):
+        """Numeric domain id (new on every start), or None when shut off."""
+        out = self.virsh("domid", name, check=True).stdout.strip()
+        return int(out) if out.isdigit() else None
+
     def close(self):
         try:
             if self.proc is not None and self.proc.poll() is None:
@@ -791,7 +880,7 @@ class Libvirtd(object):
                 stop_by_pid(self.proc, timeout=15)
         finally:
             if self._lock is not None:
-                os.close(self._lock)       # releases the flock
+                self._lock.release()
                 self._lock = None
 
     def __enter__(self):

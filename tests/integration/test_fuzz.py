@@ -7,7 +7,6 @@ answers a legitimate C fence_xvm status within normal time while the fuzz runs.
 The long run is `python3 tests/fuzz/run.py --packets 1000000`.
 """
 
-import socket
 import statistics
 import subprocess
 import sys

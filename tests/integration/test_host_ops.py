@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import lab as labmod
-from lab import (C_DAEMON, FENCEVIRT, LIBVIRTD, c_client, make_key, mcast_conf, ns_argv,
+from lab import (FENCEVIRT, LIBVIRTD, c_client, make_key, mcast_conf, ns_argv,
                  our_client, require, role_dir, run, start_c_daemon, start_our_daemon,
                  stop_by_pid, wait_for, write_node_xml)
 

@@ -1,12 +1,13 @@
 """Our fence_xvm as a first-class Pacemaker fence agent (issue #4), with real components.
 
-Topology (tests/pcmk.py), everything stopped by PID and the namespaces deleted:
+Topology (tests/lab.py, Pacemaker from tests/pcmk.py), everything stopped by PID and
+the namespaces deleted:
 
-* host netns ``i4<n>h``: br0 198.18.0.1/24, libvirtd with two qemu TCG domains,
+* host netns ``fv<pid>-<n>h``: br0 198.18.0.1/24, libvirtd with two qemu TCG domains,
   the C ``fence_virtd`` (multicast 225.0.0.12:1229 on br0) and OUR daemon
-  (``/usr/bin/python3 fencevirt.py virtd``, libvirt-python driver, port 1230 on br0),
+  (``/usr/bin/python3 .../fence_virtd``, libvirt-python driver, port 1230 on br0),
   both on ``qemu:///system``;
-* guest netns ``i4<n>g1``: a single-node corosync + Pacemaker cluster, configured with
+* guest netns ``fv<pid>-<n>g1``: a single-node corosync + Pacemaker cluster, configured with
   crmsh as a HowTo does, with three stonith devices, one per direction:
 
   ==========  ==========================  ===============  =========================
@@ -25,67 +26,42 @@ against our agent. The cluster's own node (node1) is never a target.
 
 import os
 import subprocess
-import sys
-import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
-try:
-    import pcmk
-except ImportError:
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import pcmk
+import fencevirt
+import lab
+import pcmk
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-import fencevirt  # noqa: E402
+ROOT = str(lab.REPO)
 
 pytestmark = [pytest.mark.pacemaker, pytest.mark.libvirtd, pytest.mark.slow]
 
-FENCEVIRT = os.path.join(ROOT, "fencevirt.py")
+FENCEVIRT = str(lab.FENCEVIRT)
 PYTHON = "/usr/bin/python3"                 # has python3-libvirt (the daemon's driver)
 RUN = "%d" % (os.getpid() % 10000)
-PREFIX = "i4" + RUN
 AGENT = "fence_i4pyxvm" + RUN               # per-run name: never clashes with Debian's
 DOMS = ("i4tiny1", "i4tiny2")
 UUIDS = ("f0f0f0f0-0000-4000-8000-0000000000a1", "f0f0f0f0-0000-4000-8000-0000000000a2")
-OUR_PORT = 1230                             # the C daemon (pcmk.FenceVirtd) has 1229
+OUR_PORT = 1230                             # the C daemon has 1229
 DEVICES = {                                 # id -> (agent, ipport, target prefix)
     "st-py": (AGENT, OUR_PORT, "a"),
     "st-pyc": (AGENT, 1229, "b"),
     "st-c": ("fence_xvm", OUR_PORT, "c"),
 }
-COMMANDS = ("ip", "ss", "stdbuf", "virsh", "/usr/sbin/libvirtd", "qemu-system-x86_64",
-            "/usr/sbin/fence_virtd", "/usr/sbin/fence_xvm", "corosync", "corosync-quorumtool",
-            "pacemakerd", "crm_mon", "crm_resource", "stonith_admin", "crm", PYTHON)
-
-OUR_CONF = """\
-fence_virtd {
-	listener = "multicast";
-	backend = "libvirt";
-}
-listeners {
-	multicast {
-		key_file = "%(key)s";
-		address = "225.0.0.12";
-		port = "%(port)d";
-		family = "ipv4";
-		interface = "%(interface)s";
-	}
-}
-backends {
-	libvirt {
-		uri = "%(uri)s";
-	}
-}
-"""
 
 
 def _require():
-    pcmk.need_root_and(*COMMANDS)
-    pcmk.need(subprocess.run([PYTHON, "-c", "import libvirt"]).returncode == 0,
-              PYTHON + " has no libvirt module (python3-libvirt)")
+    lab.require("root", "netns", "libvirtd", "c", commands=pcmk.COMMANDS + (PYTHON,))
+    if subprocess.run([PYTHON, "-c", "import libvirt"]).returncode != 0:
+        lab.skip_or_fail(PYTHON + " has no libvirt module (python3-libvirt)")
+
+
+@pytest.fixture(scope="module")
+def net(module_lab):
+    _require()
+    return module_lab
 
 
 @pytest.fixture(scope="module")
@@ -95,17 +71,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyfile(workdir):
-    path = workdir / "fence_xvm.key"
-    path.write_bytes(os.urandom(512))
-    path.chmod(0o600)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def net():
-    _require()
-    with pcmk.Topology(PREFIX, guests=1) as topo:
-        yield topo
+    return str(lab.make_key(workdir / "fence_xvm.key"))
 
 
 @pytest.fixture(scope="module")
@@ -119,43 +85,26 @@ def agent(workdir):
 
 
 @pytest.fixture(scope="module")
-def libvirtd(net, workdir):
-    # lock order: libvirtd before pacemaker (pcmk.py)
-    with pcmk.Libvirtd(net.host, workdir / "libvirtd", listen_addr=net.host_addr) as lv:
-        for dom, uuid in zip(DOMS, UUIDS):
-            lv.define_tiny(dom, uuid)
-        yield lv
+def libvirtd(net, libvirtd):
+    # conftest's libvirtd in net's host netns; lock order: libvirtd before pacemaker
+    for dom, uuid in zip(DOMS, UUIDS):
+        libvirtd.define(dom, uuid)
+    return libvirtd
 
 
 @pytest.fixture(scope="module")
 def c_daemon(net, workdir, keyfile, libvirtd):
-    with pcmk.FenceVirtd(net.host, workdir / "c_fence_virtd", keyfile, net.bridge,
-                         libvirtd.uri) as d:
+    conf = lab.mcast_conf(keyfile, libvirtd.URI, interface=net.interface)
+    with lab.start_c_daemon(net.host, conf, workdir) as d:
         yield d
 
 
 @pytest.fixture(scope="module")
 def our_daemon(net, workdir, keyfile, libvirtd):
-    d = workdir / "our_fence_virtd"
-    d.mkdir()
-    conf = d / "fence_virt.conf"
-    conf.write_text(OUR_CONF % {"key": keyfile, "port": OUR_PORT, "interface": net.bridge,
-                                "uri": libvirtd.uri})
-    conf.chmod(0o600)
-    log = str(d / "fence_virtd.log")
-    env = dict(os.environ, FENCEVIRT_LIBVIRT_DRIVER="python")
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(pcmk.ns_argv(net.host, [PYTHON, FENCEVIRT, "virtd", "-F",
-                                                        "-f", conf, "-p", d / "pid"]),
-                                stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=env)
-    try:
-        pcmk.wait_for(lambda: b"ready:" in open(log, "rb").read(), 15,
-                      "our fence_virtd ready", procs=[proc], logs=[log])
-        proc.log = log
-        yield proc
-    finally:
-        pcmk.stop_pid(proc, timeout=10)
+    conf = lab.mcast_conf(keyfile, libvirtd.URI, interface=net.interface, port=OUR_PORT)
+    with lab.start_our_daemon(net.host, conf, workdir, python=PYTHON, ready_timeout=15,
+                              env={"FENCEVIRT_LIBVIRT_DRIVER": "python"}) as d:
+        yield d
 
 
 def _host_map(prefix):
@@ -188,12 +137,12 @@ def report_timings():
 # Pacemaker's CLI against our agent, no cluster (the agent runs in the guest netns)
 
 def test_list_installed(net, agent):
-    r = pcmk.run(["stonith_admin", "--list-installed"], ns=net.guests[0])
+    r = lab.run(net.guests[0], ["stonith_admin", "--list-installed"])
     assert r.rc == 0 and AGENT in r.stdout.split(), str(r)
 
 
 def test_metadata_via_stonith_admin(net, agent):
-    r = pcmk.run(["stonith_admin", "--metadata", "--agent", AGENT], ns=net.guests[0])
+    r = lab.run(net.guests[0], ["stonith_admin", "--metadata", "--agent", AGENT])
     pcmk.record("stonith_admin --metadata (ours)", r.elapsed)
     assert r.rc == 0, str(r)
     got = ET.fromstring(r.stdout)
@@ -210,9 +159,8 @@ def test_metadata_via_stonith_admin(net, agent):
 
 
 def test_validate_good(net, agent, keyfile):
-    r = pcmk.run(["stonith_admin", "--validate", "--agent", AGENT, "-o",
-                  "key_file=" + keyfile, "-o", "ipport=1230", "-o", "delay=2"],
-                 ns=net.guests[0])
+    r = lab.run(net.guests[0], ["stonith_admin", "--validate", "--agent", AGENT, "-o",
+                                "key_file=" + keyfile, "-o", "ipport=1230", "-o", "delay=2"])
     pcmk.record("stonith_admin --validate (ours, good)", r.elapsed)
     assert r.rc == 0, str(r)
     assert "Validation of %s succeeded" % AGENT in r.output, str(r)
@@ -230,7 +178,7 @@ def test_validate_bad(net, agent, keyfile, option, message):
     argv = ["stonith_admin", "--validate", "--agent", AGENT, "-o", option]
     if not option.startswith("key_file="):
         argv += ["-o", "key_file=" + keyfile]
-    r = pcmk.run(argv, ns=net.guests[0])
+    r = lab.run(net.guests[0], argv)
     assert r.rc != 0, str(r)
     assert message in r.output, str(r)
     assert "Validation of %s failed" % AGENT in r.output, str(r)
@@ -247,9 +195,9 @@ def test_validate_sent_stdin(agent):
 
 @pytest.mark.parametrize("port", [OUR_PORT, 1229], ids=["our-daemon", "c-daemon"])
 def test_direct_list(net, keyfile, c_daemon, our_daemon, port):
-    r = pcmk.run([PYTHON, FENCEVIRT, "xvm", "-o", "list", "-k", keyfile, "-p", str(port),
-                  "-t", "5"], ns=net.guests[0])
-    assert r.rc == 0, str(r) + pcmk.tail(our_daemon.log)
+    r = lab.run(net.guests[0], [PYTHON, FENCEVIRT, "xvm", "-o", "list", "-k", keyfile,
+                                "-p", str(port), "-t", "5"])
+    assert r.rc == 0, str(r) + lab.tail(our_daemon.log_path)
     rows = [line.split() for line in r.stdout.splitlines()]
     assert {(d, u, "on") for d, u in zip(DOMS, UUIDS)} <= {tuple(x) for x in rows}, str(r)
 

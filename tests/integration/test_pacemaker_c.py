@@ -1,12 +1,12 @@
 """Reference run with Debian's C fence-virt under Pacemaker and cluster-glue.
 
-Proves the harness in tests/pcmk.py against the real C binaries, so that the same
-steps can later be pointed at fencevirt.py:
+Proves the harness in tests/pcmk.py (with tests/lab.py) against the real C binaries,
+so that the same steps can later be pointed at fencevirt.py:
 
-* host netns ``pk<pid>h``: bridge br0 198.18.0.1/24, libvirtd (qemu TCG domains
+* host netns ``fv<pid>-<n>h``: bridge br0 198.18.0.1/24, libvirtd (qemu TCG domains
   tiny1/tiny2, TCP 16509 on 198.18.0.1, auth none) and C ``fence_virtd``
   (multicast on br0, backend libvirt on qemu:///system);
-* guest netns ``pk<pid>g1``: eth0 198.18.0.11/24, route 224.0.0.0/4 dev eth0,
+* guest netns ``fv<pid>-<n>g1``: eth0 198.18.0.11/24, route 224.0.0.0/4 dev eth0,
   a single-node corosync + Pacemaker cluster (node1) with
   ``crm configure primitive st-xvm stonith:fence_xvm ... pcmk_host_map="n1:tiny1;n2:tiny2"``;
   cluster-glue's ``stonith -t external/libvirt`` runs there too.
@@ -17,17 +17,13 @@ Timings are collected in ``pcmk.TIMINGS`` and printed (``-s``) and written to
 
 import json
 import os
-import sys
 import time
 import xml.etree.ElementTree as ET
 
 import pytest
 
-try:
-    import pcmk
-except ImportError:                     # tests/ not on sys.path (no conftest yet)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    import pcmk
+import lab
+import pcmk
 
 pytestmark = [pytest.mark.pacemaker, pytest.mark.libvirtd]
 
@@ -41,17 +37,14 @@ DOMAINS = {                              # cluster target -> (domain, uuid)
 HOST_MAP = ";".join("%s:%s" % (t, d) for t, (d, _) in sorted(DOMAINS.items()))
 GLUE_HOSTLIST = " ".join("%s:%s" % (t, d) for t, (d, _) in sorted(DOMAINS.items()))
 
-COMMANDS = ("ip", "ss", "stdbuf", "virsh", "/usr/sbin/libvirtd", "qemu-system-x86_64",
-            "/usr/sbin/fence_virtd", "/usr/sbin/fence_xvm", "corosync", "corosync-quorumtool",
-            "pacemakerd", "crm_mon", "crm_resource", "stonith_admin", "crm", "stonith")
 
 
-def _require():
-    pcmk.need_root_and(*COMMANDS)
-    pcmk.need(os.path.isdir("/usr/lib/x86_64-linux-gnu/fence-virt"),
-              "C fence_virtd plugins missing (/usr/lib/x86_64-linux-gnu/fence-virt)")
-    pcmk.need(os.path.exists(os.path.join(pcmk.GLUE_PLUGIN_DIR, "libvirt")),
-              "cluster-glue external/libvirt plugin missing")
+@pytest.fixture(scope="module")
+def net(module_lab):
+    lab.require("root", "netns", "libvirtd", "c", commands=pcmk.COMMANDS + ("stonith",))
+    if not os.path.exists(os.path.join(pcmk.GLUE_PLUGIN_DIR, "libvirt")):
+        lab.skip_or_fail("cluster-glue external/libvirt plugin missing")
+    return module_lab
 
 
 @pytest.fixture(scope="module")
@@ -61,34 +54,23 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keyfile(workdir):
-    path = workdir / "fence_xvm.key"
-    path.write_bytes(os.urandom(512))
-    path.chmod(0o600)
-    return str(path)
+    return str(lab.make_key(workdir / "fence_xvm.key"))
 
 
 @pytest.fixture(scope="module")
-def net():
-    _require()
-    with pcmk.Topology(guests=1) as topo:
-        yield topo
-
-
-@pytest.fixture(scope="module")
-def libvirtd(net, workdir):
-    # lock order: libvirtd before pacemaker (see pcmk.py)
-    with pcmk.Libvirtd(net.host, workdir / "libvirtd", listen_addr=net.host_addr) as lv:
-        for _, (dom, uuid) in sorted(DOMAINS.items()):
-            t0 = time.monotonic()
-            lv.define_tiny(dom, uuid)
-            pcmk.record("define+start " + dom, time.monotonic() - t0)
-        yield lv
+def libvirtd(net, libvirtd):
+    # conftest's libvirtd in net's host netns; lock order: libvirtd before pacemaker
+    for _, (dom, uuid) in sorted(DOMAINS.items()):
+        t0 = time.monotonic()
+        libvirtd.define(dom, uuid)
+        pcmk.record("define+start " + dom, time.monotonic() - t0)
+    return libvirtd
 
 
 @pytest.fixture(scope="module")
 def virtd(net, workdir, keyfile, libvirtd):
-    with pcmk.FenceVirtd(net.host, workdir / "fence_virtd", keyfile, net.bridge,
-                         libvirtd.uri) as d:
+    conf = lab.mcast_conf(keyfile, libvirtd.URI, interface=net.interface)
+    with lab.start_c_daemon(net.host, conf, workdir / "fence_virtd") as d:
         yield d
 
 
@@ -127,11 +109,12 @@ def test_golden_c_metadata(agent):
     what the installed C agent prints (run in a throwaway netns: never the root one)."""
     data = os.path.join(HERE, "..", "data", "metadata")
     golden = os.path.join(data, agent + ".c.xml")
-    pcmk.need(not pcmk.missing_commands("xmllint"), "xmllint missing (libxml2-utils)")
-    r = pcmk.run(["xmllint", "--noout", "--relaxng", os.path.join(data, "metadata.rng"), golden])
+    lab.require(commands=("xmllint",))
+    r = lab.run(None, ["xmllint", "--noout", "--relaxng", os.path.join(data, "metadata.rng"),
+                       golden])
     assert r.rc == 0, str(r)
-    pcmk.need_root_and("unshare", "/usr/sbin/" + agent)
-    r = pcmk.run(["unshare", "-n", "/usr/sbin/" + agent, "-o", "metadata"], check=True)
+    lab.require("root", commands=("unshare", "/usr/sbin/" + agent))
+    r = lab.run(None, ["unshare", "-n", "/usr/sbin/" + agent, "-o", "metadata"], check=True)
     with open(golden) as f:
         assert r.stdout == f.read()
 
@@ -140,7 +123,7 @@ def test_golden_c_metadata(agent):
 # Pacemaker CLI without the cluster (agent runs inside the guest netns)
 
 def test_metadata_via_stonith_admin(net):
-    r = pcmk.run(["stonith_admin", "--metadata", "--agent", "fence_xvm"], ns=net.guests[0])
+    r = lab.run(net.guests[0], ["stonith_admin", "--metadata", "--agent", "fence_xvm"])
     pcmk.record("stonith_admin --metadata", r.elapsed)
     assert r.rc == 0, str(r)
     got = ET.fromstring(r.stdout)
@@ -158,8 +141,8 @@ def test_metadata_via_stonith_admin(net):
 
 
 def test_validate_good(net, keyfile):
-    r = pcmk.run(["stonith_admin", "--validate", "--agent", "fence_xvm",
-                  "-o", "key_file=" + keyfile], ns=net.guests[0])
+    r = lab.run(net.guests[0], ["stonith_admin", "--validate", "--agent", "fence_xvm",
+                                "-o", "key_file=" + keyfile])
     pcmk.record("stonith_admin --validate (good)", r.elapsed)
     assert r.rc == 0, str(r)
     assert "Validation of fence_xvm succeeded" in r.output
@@ -173,7 +156,7 @@ def test_validate_bad(net, keyfile, option, message):
     argv = ["stonith_admin", "--validate", "--agent", "fence_xvm", "-o", option]
     if not option.startswith("key_file="):
         argv += ["-o", "key_file=" + keyfile]
-    r = pcmk.run(argv, ns=net.guests[0])
+    r = lab.run(net.guests[0], argv)
     pcmk.record("stonith_admin --validate (bad %s)" % option.split("=")[0], r.elapsed)
     assert r.rc != 0, str(r)
     assert message in r.output, str(r)
@@ -183,14 +166,14 @@ def test_validate_bad(net, keyfile, option, message):
 @pytest.mark.parametrize("mode,expect_name", [("symlink", None), ("wrapper", "fence_xvm")])
 def test_install_agent_modes(net, workdir, mode, expect_name):
     """Installer self-test: Pacemaker finds /usr/sbin/<name>; a symlink keeps argv[0]."""
-    name = "fence_%sxvm%s" % (net.prefix, mode[0])
+    name = "fence_%sxvm%s" % (lab.NS_PREFIX, mode[0])
     spy = str(workdir / ("spy-%s.log" % mode)) if mode == "wrapper" else None
     with pcmk.install_agent("/usr/sbin/fence_xvm", name, mode=mode, spy_log=spy) as a:
         assert os.path.islink(a.path) == (mode == "symlink")
         assert not os.stat(a.path).st_mode & 0o022
-        r = pcmk.run(["stonith_admin", "--list-installed"], ns=net.guests[0])
+        r = lab.run(net.guests[0], ["stonith_admin", "--list-installed"])
         assert name in r.stdout.split(), str(r)
-        r = pcmk.run(["stonith_admin", "--metadata", "--agent", name], ns=net.guests[0])
+        r = lab.run(net.guests[0], ["stonith_admin", "--metadata", "--agent", name])
         assert r.rc == 0, str(r)
         assert ET.fromstring(r.stdout).get("name") == (expect_name or name)
     assert not os.path.lexists(a.path)
@@ -203,9 +186,9 @@ def test_install_agent_modes(net, workdir, mode, expect_name):
 # the C fence_virtd + libvirtd reference path, sanity-checked without Pacemaker
 
 def test_c_fence_xvm_list_direct(net, keyfile, virtd):
-    r = pcmk.run(["fence_xvm", "-o", "list", "-k", keyfile, "-t", "5"], ns=net.guests[0])
+    r = lab.run(net.guests[0], ["fence_xvm", "-o", "list", "-k", keyfile, "-t", "5"])
     pcmk.record("fence_xvm -o list (direct)", r.elapsed)
-    assert r.rc == 0, str(r) + "\n" + pcmk.tail(virtd.log)
+    assert r.rc == 0, str(r) + "\n" + lab.tail(virtd.log_path)
     names = [line.split()[0] for line in r.stdout.splitlines() if line.strip()]
     assert {"tiny1", "tiny2"} <= set(names), str(r)
 
@@ -316,7 +299,7 @@ def test_glue_off_on_reset(net, libvirtd):
 
 def test_glue_plugin_install(net, libvirtd, workdir):
     """Installer self-test: a spy plugin that execs external/libvirt."""
-    name = "%sspy" % net.prefix
+    name = "%sspy" % lab.NS_PREFIX
     log = str(workdir / "glue-spy.log")
     text = ("#!/bin/sh\n"
             "{ echo \"argv: $*\"; env | grep -E '^(hostlist|hypervisor_uri)='; } >> %s\n"

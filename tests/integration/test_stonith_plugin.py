@@ -11,7 +11,6 @@ Run with -s to see the side-by-side table (op, rc, state, seconds).
 """
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -36,16 +35,10 @@ PCMK = ("i7pnode", "I7-Pcmk", "17000000-0000-4000-8000-000000000005")
 TABLE = []   # (flavour, step, rc, state, seconds)
 
 
-def _need(ok, reason):
-    pcmk.need(ok, reason)
-
-
 @pytest.fixture(scope="module")
 def env(libvirtd, tmp_path_factory):
     """libvirtd + domains + our plugin installed as a symlink; yields a namespace dict."""
-    _need(shutil.which("stonith") is not None, "cluster-glue `stonith` CLI missing")
-    _need(os.access("/usr/lib/stonith/plugins/external/libvirt", os.X_OK),
-          "cluster-glue's external/libvirt missing")
+    lab.require(commands=("stonith", "/usr/lib/stonith/plugins/external/libvirt"))
     mode = os.stat(str(lab.FENCEVIRT)).st_mode
     assert mode & stat.S_IXUSR and not mode & (stat.S_IWGRP | stat.S_IWOTH), (
         "%s must be executable and not group/other writable, or cluster-glue refuses to run "
@@ -125,11 +118,6 @@ class RebootEvents(object):
         lab.stop_by_pid(self.proc, timeout=5)
 
 
-def domid(env, dom):
-    out = env["lv"].virsh("domid", dom, check=True).stdout.strip()
-    return int(out) if out.isdigit() else None
-
-
 # step, stonith args, expected rc == 0, expected state after, domid: "new" | "same" | None
 STEPS = (
     ("status -S", ["-S"], True, None, None),
@@ -151,7 +139,7 @@ def test_side_by_side(env, flavour):
     params = {"hostlist": "%s:%s" % (node, dom), "hypervisor_uri": env["uri"]}
     for name, args, ok, want_state, want_id in STEPS:
         p = dict(params, reset_method="reboot") if name == "reset reboot" else params
-        before = domid(env, dom)
+        before = env["lv"].domid(dom)
         with RebootEvents(dom, env["tmp"] / ("events-%s.log" % flavour)) as ev:
             r = stonith(env, flavour, p, *[a.format(node=node, NODE=node.upper()) for a in args])
             if name == "reset reboot":      # the guest reset is reported asynchronously
@@ -166,9 +154,9 @@ def test_side_by_side(env, flavour):
             assert state == want_state, "%s %s: domain %s is %r\n%r" % (
                 flavour, name, dom, state, r)
         if want_id == "new":
-            assert domid(env, dom) != before, "%s %s: same qemu process" % (flavour, name)
+            assert env["lv"].domid(dom) != before, "%s %s: same qemu process" % (flavour, name)
         if want_id == "same":
-            assert domid(env, dom) == before
+            assert env["lv"].domid(dom) == before
         if name == "list -l":
             assert r.stdout.split() == [node]
         if name == "reset reboot":
@@ -229,14 +217,14 @@ def test_fence_xvm_direct_uri(env, python):
              (["-o", "reboot", "-n", dom], 0, "running"),
              (["-o", "monitor"], 0, "running"))
     for args, rc, state in steps:
-        before = domid(env, dom)
+        before = env["lv"].domid(dom)
         r = direct(env, *args, python=python)
         TABLE.append(("fence_xvm", " ".join(args[:2]), r.rc, env["lv"].domstate(dom),
                       r.elapsed))
         assert r.rc == rc, r
         assert env["lv"].domstate(dom) == state, r
         if args[1] == "reboot":
-            assert domid(env, dom) != before, "reboot did not power-cycle %s" % dom
+            assert env["lv"].domid(dom) != before, "reboot did not power-cycle %s" % dom
     r = direct(env, "-o", "list", python=python)
     assert any(line.split()[:2] == [dom, DIRECT[1]] for line in r.stdout.splitlines()), r
     r = direct(env, "-o", "off", "-n", "i7-no-such-domain", python=python)
@@ -254,7 +242,7 @@ def test_fence_xvm_direct_uri(env, python):
 def test_pacemaker_fence_legacy(env, tmp_path):
     """The HowTo's primitive through fence_legacy: --reboot power-cycles a real domain,
     --fence leaves it off."""
-    pcmk.need_root_and("corosync", "pacemakerd", "crm", "stonith_admin", "/usr/sbin/fence_legacy")
+    lab.require("root", commands=pcmk.COMMANDS + ("/usr/sbin/fence_legacy",))
     node, dom, _uuid = PCMK
     with pcmk.Cluster(env["ns"], tmp_path / "cluster") as cl:
         cl.crm("configure", "primitive", "st-i7", "stonith:external/" + PLUGIN_NAME,
@@ -263,17 +251,17 @@ def test_pacemaker_fence_legacy(env, tmp_path):
         cl.crm("configure", "location", "l-st-i7", "st-i7", "-inf:", node)
         cl.crm("configure", "property", "stonith-enabled=true")
         cl.wait_started("st-i7", timeout=60)
-        before = domid(env, dom)
+        before = env["lv"].domid(dom)
         r = cl.stonith_admin("--reboot", node, timeout=60)
         TABLE.append(("pacemaker", "stonith_admin --reboot", r.rc, env["lv"].domstate(dom),
                       r.elapsed))
-        assert r.rc == 0, "%s\n%s" % (r, pcmk.tail(cl.pacemaker_log, 60))
+        assert r.rc == 0, "%s\n%s" % (r, lab.tail(cl.pacemaker_log, 8000))
         assert env["lv"].domstate(dom) == "running"
-        assert domid(env, dom) not in (None, before), "the domain was not power-cycled"
+        assert env["lv"].domid(dom) not in (None, before), "the domain was not power-cycled"
         r = cl.stonith_admin("--fence", node, timeout=60)
         TABLE.append(("pacemaker", "stonith_admin --fence", r.rc, env["lv"].domstate(dom),
                       r.elapsed))
-        assert r.rc == 0, "%s\n%s" % (r, pcmk.tail(cl.pacemaker_log, 60))
+        assert r.rc == 0, "%s\n%s" % (r, lab.tail(cl.pacemaker_log, 8000))
         assert env["lv"].domstate(dom) == "shut off"
         r = cl.stonith_admin("--reboot", "i7-not-listed", timeout=20)
         assert r.rc != 0, r

@@ -4,9 +4,7 @@ protocol.md §2.1: hash = H(key || packet[0:112] || 64 zero bytes), zero-filled 
 all 64 compared. §4.2: response = H(key || challenge64), zero-filled to 64. Not HMAC.
 """
 
-import glob
 import hashlib
-import json
 import os
 import sys
 
@@ -17,19 +15,9 @@ sys.path.insert(0, ROOT)
 
 import fencevirt  # noqa: E402
 
-PACKET_DIR = os.path.join(ROOT, "tests", "data", "packets")
+from vectors import load_vectors  # noqa: E402
 
-
-def _load():
-    cases = {}
-    for path in sorted(glob.glob(os.path.join(PACKET_DIR, "*.json"))):
-        with open(path) as f:
-            data = json.load(f)
-        cases[data["case"]] = data
-    return cases
-
-
-CASES = _load()
+CASES = load_vectors()
 REQUEST_CASES = sorted(k for k, v in CASES.items() if "decoded" in v)
 SIGNED_CASES = [k for k in REQUEST_CASES if CASES[k]["decoded"]["hashtype"] != 0]
 UNSIGNED_CASES = [k for k in REQUEST_CASES if CASES[k]["decoded"]["hashtype"] == 0]

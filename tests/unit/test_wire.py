@@ -5,8 +5,6 @@ tests/tools/capture_vectors.py. Layouts: protocol.md §2 (fence_req_t), §4.4 (h
 §6.1 (serial_req_t / serial_resp_t).
 """
 
-import glob
-import json
 import os
 import sys
 
@@ -17,19 +15,9 @@ sys.path.insert(0, ROOT)
 
 import fencevirt  # noqa: E402
 
-PACKET_DIR = os.path.join(ROOT, "tests", "data", "packets")
+from vectors import load_vectors  # noqa: E402
 
-
-def _load():
-    cases = {}
-    for path in sorted(glob.glob(os.path.join(PACKET_DIR, "*.json"))):
-        with open(path) as f:
-            data = json.load(f)
-        cases[data["case"]] = data
-    return cases
-
-
-CASES = _load()
+CASES = load_vectors()
 REQUEST_CASES = sorted(k for k, v in CASES.items() if "decoded" in v)
 SERIAL_CASES = sorted(k for k, v in CASES.items() if "decoded_serial" in v)
 C_LIST_CASES = sorted(k for k, v in CASES.items()
