@@ -4,13 +4,15 @@
 
 The role is chosen by the name the file is run as:
 
-    fence_virtd      host daemon (multicast/tcp/vsock listeners, libvirt backend)
+    fence_virtd      host daemon: multicast/tcp/vsock/serial listeners; libvirt, cpg
+                     and sim backends
     fence_xvm        guest fence agent over multicast with a TCP connect-back
+                     (also straight to libvirtd with --hypervisor-uri)
     fence_virt       guest fence agent over tcp, vsock or serial
-    libvirt          (in /usr/lib/stonith/plugins/external/) cluster-glue plugin
+    any name in .../stonith/plugins/external/: the cluster-glue external/libvirt plugin
 
-or by a subcommand: ``fencevirt.py virtd|xvm|virt|demo|keygen|check-config ...``.
-Run ``fencevirt.py help`` for the list.
+or by a subcommand: ``fencevirt.py virtd|xvm|virt|demo|keygen|check-config|install|
+uninstall|doctor|host-map|stonith-plugin ...``. Run ``fencevirt.py help`` for the list.
 
 Contents (``grep -n '^# ====' -A1 fencevirt.py``): constants, errors, helpers,
 config, wire, auth, backends, requests, listeners, daemon, client, agent, main.
@@ -2804,6 +2806,7 @@ class MulticastListener(Listener):
             else:
                 log.debug("no wrong-interface diagnosis: %s", self.stray.why)
         self.stray_seen: dict = {}
+        self.ports: dict = {}                  # ifname -> (when looked up, bridge port?)
         return self.socks
 
     def stray_readable(self) -> None:
@@ -2814,7 +2817,7 @@ class MulticastListener(Listener):
         for src, ifname, data in self.stray.drain():
             dst = data[16:20] if data[0] >> 4 == 4 else data[24:40]
             if dst != group or now - self.stray_seen.get(src, -60.0) < 10.0 or \
-                    os.path.exists(f"/sys/class/net/{ifname}/master"):   # a bridge port
+                    self.bridge_port(ifname, now):
                 continue
             self.stray_seen[src] = now
             detail = (f"request for {self.address}:{self.port} arrived on {ifname}, but this "
@@ -2825,6 +2828,15 @@ class MulticastListener(Listener):
             if sport:
                 self.hint(self.socks[0], (src, sport), "wrong interface", detail)
 
+    def bridge_port(self, ifname: str, now: float) -> bool:
+        """Whether ifname is enslaved to a bridge (looked up at most every 10 s)."""
+        seen = self.ports.get(ifname)
+        if seen is None or now - seen[0] >= 10.0:
+            if len(self.ports) > 1024:
+                self.ports.clear()
+            seen = self.ports[ifname] = (now, os.path.exists(f"/sys/class/net/{ifname}/master"))
+        return seen[1]
+
     def describe(self) -> str:
         owner = (f"; owner-only answers (peers: {' '.join(self.peers) or 'none'})"
                  if self.owner_only_now() else "")
@@ -2833,6 +2845,9 @@ class MulticastListener(Listener):
 
     def readable(self, sock: socket.socket) -> None:
         if getattr(self, "stray", None) is not None and sock is self.stray.sock:
+            # The watch sees a request on the bridge port before our socket has it:
+            # serve the request first, diagnose after.
+            self.readable(self.socks[0])
             self.stray_readable()
             return
         try:
@@ -3420,17 +3435,67 @@ class SerialListener(Listener):
 # ============================================================================
 
 
-def run_bounded(fn, timeout: float, what: str, gate: threading.Semaphore | None = None):
-    """Run fn() in a thread; FenceTimeout when it does not return within `timeout`.
+class Workers:
+    """Reusable daemon threads, so a request does not pay for creating two threads.
 
-    A call that times out keeps running (Python cannot cancel it) and holds one `gate`
-    slot until it returns, so hung libvirt calls cannot pile up threads without bound.
+    submit(fn) hands fn to an idle worker, or starts a new one when none is idle. A
+    worker takes new work only after fn has returned, so a call that hangs keeps its
+    thread to itself and never delays another request. Idle workers exit after IDLE s.
+    """
+
+    IDLE = 60.0
+
+    def __init__(self, name: str):
+        self.name = name
+        self.lock = threading.Lock()
+        self.idle: list = []              # inboxes (queue.SimpleQueue) of idle workers
+
+    def submit(self, fn) -> None:
+        with self.lock:
+            inbox = self.idle.pop() if self.idle else None
+        if inbox is None:
+            import queue
+            inbox = queue.SimpleQueue()
+            threading.Thread(target=self._work, args=(inbox,), name=self.name,
+                             daemon=True).start()
+        inbox.put(fn)
+
+    def _work(self, inbox) -> None:
+        import queue
+        while True:
+            try:
+                fn = inbox.get(timeout=self.IDLE)
+            except queue.Empty:
+                with self.lock:
+                    if inbox in self.idle:
+                        self.idle.remove(inbox)
+                        return
+                continue                  # handed work just as the wait ended: take it
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - fn handles its own; never lose a worker
+                log.error("%s worker: %s: %s", self.name, type(e).__name__, e)
+            with self.lock:
+                self.idle.append(inbox)
+
+
+_BACKEND_WORKERS = Workers("backend call")
+
+
+def run_bounded(fn, timeout: float, what: str, gate: threading.Semaphore | None = None):
+    """Run fn() on a worker thread; FenceTimeout when it does not return within `timeout`.
+
+    A call that times out keeps running (Python cannot cancel it) and holds its worker
+    and one `gate` slot until it returns, so hung libvirt calls cannot pile up threads
+    without bound.
     """
     box: dict = {}
     if gate is not None and not gate.acquire(blocking=False):
         raise BackendError(f"{what}: refused, {MAX_WORKERS} earlier backend calls are still "
                            f"running or hung (libvirtd stopped?); they are released as they "
                            f"return")
+    done = threading.Lock()
+    done.acquire()
 
     def target():
         try:
@@ -3440,13 +3505,18 @@ def run_bounded(fn, timeout: float, what: str, gate: threading.Semaphore | None 
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller
             box["error"] = e
         finally:
+            set_op_deadline(None)         # the worker is reused: no stale budget
             if gate is not None:
                 gate.release()
+            done.release()
 
-    t = threading.Thread(target=target, name=what, daemon=True)
-    t.start()
-    t.join(timeout)
-    if t.is_alive():
+    try:
+        _BACKEND_WORKERS.submit(target)
+    except BaseException:
+        if gate is not None:
+            gate.release()
+        raise
+    if not done.acquire(timeout=timeout):
         log.warning("%s still running after %.0f s; answering FAIL (if the call completes "
                     "later, its effect stands but nobody is told)", what, timeout)
         raise FenceTimeout(f"{what} did not finish within {timeout:g} s "
@@ -3473,6 +3543,7 @@ class Server:
         self.drop_lock = threading.Lock()
         self.drop_windows: dict = {}           # reason -> (window start, shown, hidden)
         self.backend_gate = threading.BoundedSemaphore(MAX_WORKERS)
+        self.workers = Workers("request")
         self.active = 0                        # requests being served (spawned workers)
         self.idle = threading.Condition()
         self.recent = collections.deque(maxlen=self.RECENT)
@@ -3567,7 +3638,13 @@ class Server:
                 with self.idle:
                     self.active -= 1
                     self.idle.notify_all()
-        threading.Thread(target=run, daemon=True).start()
+        try:
+            self.workers.submit(run)
+        except BaseException:
+            self.slots.release()
+            with self.idle:
+                self.active -= 1
+            raise
 
     def drain(self, timeout: float) -> int:
         """On shutdown: wait up to `timeout` for requests in progress; the number left."""
@@ -4158,7 +4235,7 @@ class PacketWatch:
                 break
             except OSError:
                 break
-            ifname, _proto, pkttype = addr[0], addr[1], addr[2]
+            ifname, pkttype = addr[0], addr[2]
             if not record or pkttype == self.PACKET_OUTGOING or len(data) < 20:
                 continue
             if self.skip_ifindex:

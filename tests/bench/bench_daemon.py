@@ -15,8 +15,6 @@ ours runs under /usr/bin/python3 with the libvirt-python driver.
 """
 
 import argparse
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,9 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE.parent.parent))
 import lab  # noqa: E402
-import fencevirt as fv  # noqa: E402
 
 OUR_PY = "/usr/bin/python3"
 N_CONC = 8
