@@ -5909,13 +5909,35 @@ def _pick_module(p: _Prompter, root: Block, kind: str, table: dict, default: str
         p.again(prompt)
 
 
+def write_atomically(path: str, data: bytes, what: str) -> None:
+    """Write data to a new file beside path (mkstemp: mode 0600), fsync, rename over path."""
+    import tempfile
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=directory)
+    except OSError as e:
+        raise FenceError(f"cannot write {what} {path}: {e.strerror} (in {directory})") \
+            from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise FenceError(f"cannot write {what} {path}: {e.strerror}") from None
+
+
 def configure_interactive(path: str, inp=None, out=None) -> int:
     """fence_virtd -c: the C prompt sequence (protocol.md §10.2), then write `path`.
 
     Answers come from `inp` (stdin: a tty or a pipe), prompts go to `out` (stdout).
     The file is written as path.XXXXXX (mode 0600) and renamed over `path`.
     """
-    import tempfile
     p = _Prompter(inp or sys.stdin, out or sys.stdout)
     try:
         with open(path, encoding="utf-8", errors="surrogateescape") as f:
@@ -5958,23 +5980,7 @@ def configure_interactive(path: str, inp=None, out=None) -> int:
         return ExitCode.FAIL
     for problem in check_config(parse_config(text, path), LISTENERS, BACKENDS):
         log.warning("%s", problem)
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=directory)
-    except OSError as e:
-        raise ConfigError(f"cannot write {path}: {e.strerror} (in {directory})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except OSError as e:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
+    write_atomically(path, text.encode("utf-8", "surrogateescape"), "the config")
     for lname in listener_names_of(Config(root, path)):
         key = Config(root, path).get(f"listeners/{lname}/@key_file") or DEFAULT_KEY_FILE
         if not os.path.exists(key):
@@ -6005,7 +6011,6 @@ def cmd_check_config(argv: list) -> int:
 def cmd_keygen(argv: list) -> int:
     """keygen [PATH] [--force] [--bytes N]: a random key, mode 0600."""
     import getopt
-    import tempfile
     setup_logging("fencevirt", logging.INFO)
     try:
         pairs, rest = getopt.gnu_getopt(argv, "fb:", ["force", "bytes="])
@@ -6028,26 +6033,14 @@ def cmd_keygen(argv: list) -> int:
     if os.path.isdir(path):
         raise UsageError(f"{path} is a directory; name the key file itself")
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        if not os.path.isdir(directory):
-            os.makedirs(directory, mode=0o755)
-            log.info("created %s", directory)
-        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", dir=directory)
-    except OSError as e:
-        raise FenceError(f"cannot create the key in {directory}: {e.strerror}") from None
-    key = os.urandom(size)
-    try:
-        with os.fdopen(fd, "wb") as f:          # mkstemp: mode 0600
-            f.write(key)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
+    if not os.path.isdir(directory):
         try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise FenceError(f"cannot write the key {path}: {e.strerror}") from None
+            os.makedirs(directory, mode=0o755)
+        except OSError as e:
+            raise FenceError(f"cannot create {directory} for the key: {e.strerror}") from None
+        log.info("created %s", directory)
+    key = os.urandom(size)
+    write_atomically(path, key, "the key")
     print(f"{path}: {size} random bytes, mode 0600, fingerprint {key_fingerprint(key)}")
     return ExitCode.OK
 
