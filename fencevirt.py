@@ -6323,6 +6323,8 @@ def cmd_demo(argv: list) -> int:
     import subprocess
     import tempfile
     setup_logging("fencevirt", logging.INFO)
+    if argv:
+        raise UsageError(f"demo takes no arguments (got {' '.join(argv)})")
     me = os.path.abspath(__file__)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="fencevirt-demo.") as tmp:
