@@ -82,6 +82,7 @@ CPG_SETTLE = 3.0             # cpg: membership must be this old before no_owner 
 CPG_POLL = 1.0               # cpg: re-read the local domains; reconnect to corosync
 CPG_GRACE = 0.3              # cpg: wait for an owner's STORE_VM before "nobody owns it"
 LIST_MERGE_WAIT = 0.25       # client: after the first list connect-back, wait for others
+WATCH_AFTER = 0.3             # client: open the firewall check after this long
 
 
 class Request(enum.IntEnum):
@@ -4476,8 +4477,12 @@ def mcast_request(cc: ClientConfig, request: int, domain: str, *, family: int, g
         except OSError as e:
             raise FenceError(f"cannot listen for the connect-back on TCP port {port}: "
                              f"{e.strerror} (another fence_xvm running? use -p)") from None
-        watch.open()
-        trace["watch"] = watch.why or "on"
+        # The packet watch (root only) looks for connect-backs a firewall here eats. It
+        # costs ~8 ms to open and close, so it opens only when no daemon has connected
+        # back within WATCH_AFTER s; the daemon's retries (SYN resends, the next round's
+        # connect-back) are what it then sees.
+        watch_at = Deadline(WATCH_AFTER)
+        trace["watch"] = "not needed"
         for src in addrs:
             try:
                 senders[src] = multicast_sender(src, family)
@@ -4519,8 +4524,14 @@ def mcast_request(cc: ClientConfig, request: int, domain: str, *, family: int, g
                       ", ".join(f"{a.address} ({a.ifname})" for a in addrs))
             round_end = Deadline(min(cc.retrans, deadline.remaining()))
             while True:
+                if watch.sock is None and watch_at.expired() and trace["watch"] == "not needed":
+                    watch.open()
+                    trace["watch"] = watch.why or "on"
                 wait_on = [lsock] + list(senders.values()) + ([watch.sock] if watch.sock else [])
-                ready, _, _ = select.select(wait_on, [], [], round_end.remaining())
+                wait = round_end.remaining()
+                if trace["watch"] == "not needed":
+                    wait = min(wait, max(0.001, watch_at.remaining()))
+                ready, _, _ = select.select(wait_on, [], [], wait)
                 if lsock in ready:
                     conn, peer = lsock.accept()
                     trace["connected"] = peer[0]
@@ -4536,7 +4547,7 @@ def mcast_request(cc: ClientConfig, request: int, domain: str, *, family: int, g
                         watch.drain()
                     elif s is not lsock:
                         read_hints(s, hints, send_errors, unicast)
-                if not ready or round_end.expired():
+                if round_end.expired() or (not ready and watch.sock is not None):
                     break
             if deadline.expired():
                 watch.drain()
