@@ -2797,29 +2797,35 @@ class MulticastListener(Listener):
                                f"{e.strerror}") from None
         s.setblocking(False)
         self.socks = [s]
-        self.stray = None
+        self.strays: dict = {}                 # packet socket -> PacketWatch
+        self.stray_seen: dict = {}
         if ifindex:
             # Diagnosis only: see requests for our group arriving on other interfaces
-            # (the kernel drops them before our socket), to log "wrong interface".
-            self.stray = PacketWatch("udp", self.port, skip_ifindex=ifindex)
-            if self.stray.open() is not None:
-                self.socks.append(self.stray.sock)
-            else:
-                log.debug("no wrong-interface diagnosis: %s", self.stray.why)
-        self.stray_seen: dict = {}
-        self.ports: dict = {}                  # ifname -> (when looked up, bridge port?)
+            # (the kernel drops them before our socket), to log "wrong interface". One
+            # watch per other interface; bridge and bond ports are left out (their master
+            # is watched), so the guests' own traffic to us is never read twice.
+            for idx, name in socket.if_nameindex()[:64]:
+                if idx == ifindex or os.path.exists(f"/sys/class/net/{name}/master"):
+                    continue
+                watch = PacketWatch("udp", self.port, ifname=name)
+                if watch.open() is None:
+                    log.debug("no wrong-interface diagnosis: %s", watch.why)
+                    break
+                self.strays[watch.sock] = watch
+                self.socks.append(watch.sock)
         return self.socks
 
-    def stray_readable(self) -> None:
+    def stray_readable(self, watch: PacketWatch) -> None:
         """Requests for our group seen on another interface: one drop line per source
         every 10 s. Nothing is answered: the listener is bound elsewhere on purpose."""
         group = socket.inet_pton(self.family, self.address)
         now = time.monotonic()
-        for src, ifname, data in self.stray.drain():
+        for src, ifname, data in watch.drain():
             dst = data[16:20] if data[0] >> 4 == 4 else data[24:40]
-            if dst != group or now - self.stray_seen.get(src, -60.0) < 10.0 or \
-                    self.bridge_port(ifname, now):
+            if dst != group or now - self.stray_seen.get(src, -60.0) < 10.0:
                 continue
+            if len(self.stray_seen) > 1024:
+                self.stray_seen.clear()
             self.stray_seen[src] = now
             detail = (f"request for {self.address}:{self.port} arrived on {ifname}, but this "
                       f"listener only joined the group on {self.interface} "
@@ -2829,15 +2835,6 @@ class MulticastListener(Listener):
             if sport:
                 self.hint(self.socks[0], (src, sport), "wrong interface", detail)
 
-    def bridge_port(self, ifname: str, now: float) -> bool:
-        """Whether ifname is enslaved to a bridge (looked up at most every 10 s)."""
-        seen = self.ports.get(ifname)
-        if seen is None or now - seen[0] >= 10.0:
-            if len(self.ports) > 1024:
-                self.ports.clear()
-            seen = self.ports[ifname] = (now, os.path.exists(f"/sys/class/net/{ifname}/master"))
-        return seen[1]
-
     def describe(self) -> str:
         owner = (f"; owner-only answers (peers: {' '.join(self.peers) or 'none'})"
                  if self.owner_only_now() else "")
@@ -2845,11 +2842,9 @@ class MulticastListener(Listener):
                 f" ({family_name(self.family)}; {self.settings.describe()}{owner})")
 
     def readable(self, sock: socket.socket) -> None:
-        if getattr(self, "stray", None) is not None and sock is self.stray.sock:
-            # The watch sees a request on the bridge port before our socket has it:
-            # serve the request first, diagnose after.
-            self.readable(self.socks[0])
-            self.stray_readable()
+        watch = self.strays.get(sock)
+        if watch is not None:
+            self.stray_readable(watch)
             return
         try:
             data, peer = sock.recvfrom(4096)
@@ -4199,9 +4194,9 @@ class PacketWatch:
     ETH_P_ALL, SO_ATTACH_FILTER, PACKET_OUTGOING = 0x0003, 26, 4
 
     def __init__(self, proto: str, port: int, syn_only: bool = False,
-                 skip_ifindex: int = 0):
+                 ifname: str | None = None):
         self.proto, self.port, self.syn_only = proto, port, syn_only
-        self.skip_ifindex = skip_ifindex
+        self.ifname = ifname               # watch this interface only (default: all)
         self.sock = None
         self.why = ""
         self.seen: collections.Counter = collections.Counter()   # (src, ifname) -> count
@@ -4217,9 +4212,11 @@ class PacketWatch:
         fprog = struct.pack("HP", len(prog) // 8, prog.buffer_info()[0])
         try:
             s.setsockopt(socket.SOL_SOCKET, self.SO_ATTACH_FILTER, fprog)
+            if self.ifname:
+                s.bind((self.ifname, self.ETH_P_ALL))
         except OSError as e:
             s.close()
-            self.why = f"cannot attach a packet filter: {e.strerror}"
+            self.why = f"cannot set up the packet watch: {e.strerror}"
             return None
         s.setblocking(False)
         self.sock = s
@@ -4239,12 +4236,6 @@ class PacketWatch:
             ifname, pkttype = addr[0], addr[2]
             if not record or pkttype == self.PACKET_OUTGOING or len(data) < 20:
                 continue
-            if self.skip_ifindex:
-                try:
-                    if socket.if_nametoindex(ifname) == self.skip_ifindex:
-                        continue
-                except OSError:
-                    pass
             if data[0] >> 4 == 4:
                 src = socket.inet_ntop(socket.AF_INET, data[12:16])
             elif data[0] >> 4 == 6 and len(data) >= 40:
