@@ -949,6 +949,11 @@ def make_request(request: int, domain: str = "", *, address: bytes = b"", family
                     address.ljust(28, b"\0"), port, random, seqno, family, b"\0" * 64)
 
 
+def request_name(code: int) -> str:
+    """'off', 'hostlist', … for a request code; the number for an unknown one."""
+    return Request(code).name.lower() if code in Request.__members__.values() else str(code)
+
+
 def request_address(req: FenceReq) -> str | None:
     """The call-back address text by `family` (addrlen is ignored, as in C)."""
     if req.family == socket.AF_INET:
@@ -2167,7 +2172,7 @@ class CpgBackend(Backend):
 
     def _no_owner(self, code: int, domain: str, why: str) -> Response:
         """The documented rule for a domain that no live member owns (logged each time)."""
-        op = Request(code).name.lower() if code in Request.__members__.values() else str(code)
+        op = request_name(code)
         age = time.monotonic() - self.changed_at
         if self.no_owner == "assume-off" and age >= self.settle and code in (
                 Request.OFF, Request.REBOOT, Request.STATUS):
@@ -3351,28 +3356,11 @@ class SerialListener(Listener):
         """Decide (no auth on this path) and write the serial reply; audit like serve()."""
         t0 = time.monotonic()
         server = self.server
-        op = Request(req.request).name.lower() if req.request in Request.__members__.values() \
-            else str(req.request)
-        # Mirrors Server.serve() after its auth step (no note after the result here: the
-        # serial framing has no room for one).
+        op = request_name(req.request)
+        # As Server.serve() after its auth step, but the serial framing has no room for
+        # the note after the result: it goes to the audit line only.
         try:
-            note = ""
-            try:
-                result = run_bounded(lambda: handle_request(req, server.backend, server.acl,
-                                                            chan.uuid, server.locks),
-                                     server.backend_timeout, f"{op} {req.domain!r}",
-                                     gate=server.backend_gate)
-            except FenceError as e:
-                log.error("%s %r from %s failed: %s", op, req.domain, chan.uuid, e)
-                result, note = Response.FAIL, str(e)
-                server.note_event("failure", chan.uuid, "backend failed" if isinstance(
-                    e, BackendError) else "failed", f"{op} {req.domain!r}: {e}")
-            except Exception as e:  # noqa: BLE001 - never a false success
-                log.error("%s %r from %s: internal error %s: %s", op, req.domain, chan.uuid,
-                          type(e).__name__, e)
-                result, note = Response.FAIL, f"internal error {type(e).__name__}"
-            if not note and not isinstance(result, list):
-                note = server.why_not(req, result)
+            result, note = server.decide(req, chan.uuid)
             data = pack_serial_reply(result)
             shown = (f"list ({len(result)} domains)" if isinstance(result, list)
                      else Response(result).name.lower() + (f" ({note})" if note else ""))
@@ -3661,8 +3649,7 @@ class Server:
               settings: ListenerSettings, via: str) -> bool:
         """Auth, decide, reply. True when the client passed auth (the request is served)."""
         t0 = time.monotonic()
-        op = Request(req.request).name.lower() if req.request in Request.__members__.values() \
-            else str(req.request)
+        op = request_name(req.request)
         try:
             if settings.auth != Hash.NONE:
                 dl = Deadline(AUTH_TIMEOUT)
@@ -3688,6 +3675,28 @@ class Server:
         except FenceError as e:
             self.drop(src, "auth failed", str(e))
             return False
+        result, note = self.decide(req, src)
+        try:
+            if isinstance(result, list):
+                send_all(conn, pack_hostlist(result), Deadline(5.0), "host list")
+                shown = f"list ({len(result)} domains)"
+            else:
+                # After the result byte, a note says why (the C client reads 1 byte only).
+                send_all(conn, bytes([int(result)]) + pack_note(note), Deadline(5.0), "result")
+                shown = Response(result).name.lower() + (f" ({note})" if note else "")
+        except (FenceError, OSError) as e:
+            log.warning("%s %r from %s: could not send the result: %s", op, req.domain, src, e)
+            shown = "unsent"
+        log.info("audit: src=%s via=%s op=%s domain=%r result=%s ms=%d", src, via, op,
+                 req.domain, shown, (time.monotonic() - t0) * 1000)
+        return True
+
+    def decide(self, req: FenceReq, src: str) -> tuple:
+        """(Response or host list, note): handle_request() within the backend budget.
+
+        The note says why a request failed (it follows the result byte to our client);
+        failures are kept for `doctor`. An exception is a FAIL, never a success."""
+        op = request_name(req.request)
         try:
             result = run_bounded(lambda: handle_request(req, self.backend, self.acl, src,
                                                         self.locks),
@@ -3708,20 +3717,7 @@ class Server:
             if note and result == Response.FAIL:
                 self.note_event("failure", src, "unknown domain" if note.startswith(
                     "unknown domain") else "failed", f"{op} {req.domain!r}: {note}")
-        try:
-            if isinstance(result, list):
-                send_all(conn, pack_hostlist(result), Deadline(5.0), "host list")
-                shown = f"list ({len(result)} domains)"
-            else:
-                # After the result byte, a note says why (the C client reads 1 byte only).
-                send_all(conn, bytes([int(result)]) + pack_note(note), Deadline(5.0), "result")
-                shown = Response(result).name.lower() + (f" ({note})" if note else "")
-        except (FenceError, OSError) as e:
-            log.warning("%s %r from %s: could not send the result: %s", op, req.domain, src, e)
-            shown = "unsent"
-        log.info("audit: src=%s via=%s op=%s domain=%r result=%s ms=%d", src, via, op,
-                 req.domain, shown, (time.monotonic() - t0) * 1000)
-        return True
+        return result, note
 
     def why_not(self, req: FenceReq, result: int) -> str:
         """The reason behind a FAIL (or an OFF for an unknown domain), for the client."""
