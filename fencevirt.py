@@ -6094,7 +6094,7 @@ def _install_options(argv: list, install: bool) -> dict:
     o = {"prefix": "/usr/sbin", "host": False, "unit-dir": "/etc/systemd/system",
          "unit-type": "notify", "config": DEFAULT_CONFIG, "pidfile": DEFAULT_PIDFILE,
          "python": python, "stonith": False, "force": False,
-         "stonith-dir": "/usr/lib/stonith/plugins/external", "manifest": INSTALL_MANIFEST,
+         "stonith-dir": GLUE_PLUGIN_DIR, "manifest": INSTALL_MANIFEST,
          "launcher": None}
     for flag, value in pairs:
         key = flag[2:]

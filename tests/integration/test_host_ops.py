@@ -128,24 +128,18 @@ def test_configure_on_a_pty_then_c_and_our_daemon_serve(lab, tmp_path):
     assert 'interface = "br0";' in text and 'key_file = "%s";' % key in text, text
     assert 'module_path = "/usr/lib/x86_64-linux-gnu/fence-virt/";' in text
 
-    c = start_c_daemon(lab.host, text, tmp_path / "c")
-    try:
-        res = xvm(lab, ["-o", "status", "-H", "pcmk-1", "-k", key, "-t", "5"])
-        assert (res.rc, "Status: ON" in res.output) == (0, True), res
-        res = xvm(lab, ["-o", "off", "-H", "pcmk-2", "-k", key, "-t", "5"])
-        assert res.rc == 0, res
-    finally:
-        c.stop()
-    ours = start_our_daemon(lab.host, text, tmp_path / "ours")
-    try:
-        res = xvm(lab, ["-o", "status", "-H", "pcmk-1", "-k", key, "-t", "5"])
-        assert (res.rc, "Status: ON" in res.output) == (0, True), res
-        res = xvm(lab, ["-o", "off", "-H", "pcmk-2", "-k", key, "-t", "5"])
-        assert res.rc == 0, res
-        res = xvm(lab, ["-o", "status", "-H", "pcmk-2", "-k", key, "-t", "5"])
-        assert res.rc == 2, res
-    finally:
-        ours.stop()
+    # both daemons serve the written file (each on a fresh test-driver connection)
+    for start, name in ((start_c_daemon, "c"), (start_our_daemon, "ours")):
+        daemon = start(lab.host, text, tmp_path / name)
+        try:
+            res = xvm(lab, ["-o", "status", "-H", "pcmk-1", "-k", key, "-t", "5"])
+            assert (res.rc, "Status: ON" in res.output) == (0, True), (name, res)
+            res = xvm(lab, ["-o", "off", "-H", "pcmk-2", "-k", key, "-t", "5"])
+            assert res.rc == 0, (name, res)
+            res = xvm(lab, ["-o", "status", "-H", "pcmk-2", "-k", key, "-t", "5"])
+            assert res.rc == 2, (name, res)
+        finally:
+            daemon.stop()
 
 
 # ---------------------------------------------------------------------------

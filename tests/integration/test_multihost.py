@@ -253,6 +253,26 @@ def ask(kind, topo, key, action, name, *extra):
     return client(kind, topo.guest, key, "-o", action, "-H", name, *extra)
 
 
+def fence_round(kind, topo, key, names, truth, wrong, *extra):
+    """status each domain; a running one also goes off, status, on, status. `truth`
+    (name -> "on"/"off") is checked and kept current; misses go to `wrong`. Returns the
+    number of requests sent."""
+    n = 0
+    for name in names:
+        for action in (("status", "off", "status", "on", "status")
+                       if truth[name] == "on" else ("status",)):
+            res = ask(kind, topo, key, action, name, *extra)
+            n += 1
+            if action == "status":
+                ok = status_of(res) == truth[name]
+            else:
+                ok = res.rc == 0
+                truth[name] = action
+            if not ok:
+                wrong.append("%s %s %s %s: %r" % (kind, " ".join(extra), action, name, res))
+    return n
+
+
 @pytest.mark.cpg
 def test_cpg_routing_and_migration(cluster, tmp_path, key):
     topo = cluster
@@ -262,18 +282,8 @@ def test_cpg_routing_and_migration(cluster, tmp_path, key):
         wrong, n = [], 0
         truth = {nm: st for nm, _u, st in A + B}
         for kind in ("ours", "c"):
-            for name in ("a1", "b1", "a2", "b2", "a3", "b3"):
-                for action in (("status", "off", "status", "on", "status")
-                               if truth[name] == "on" else ("status",)):
-                    res = ask(kind, topo, key, action, name)
-                    n += 1
-                    if action == "status":
-                        ok = status_of(res) == truth[name]
-                    else:
-                        ok = res.rc == 0
-                        truth[name] = action
-                    if not ok:
-                        wrong.append("%s %s %s: %r" % (kind, action, name, res))
+            n += fence_round(kind, topo, key, ("a1", "b1", "a2", "b2", "a3", "b3"), truth,
+                             wrong)
             res = ask(kind, topo, key, "list", "")
             n += 1
             if kind == "ours" and lab.norm_list(res) != tuple(sorted(A + B)):
@@ -435,18 +445,8 @@ def test_cpg_mixed_with_c_daemon(cluster, tmp_path, key):
         truth = {nm: st for nm, _u, st in A + B}
         for kind in ("ours", "c"):
             for port in ("1229", "1230"):
-                for name in ("a1", "b1", "a3", "b3", "b2"):
-                    for action in (("status", "off", "status", "on", "status")
-                                   if truth[name] == "on" else ("status",)):
-                        res = ask(kind, topo, key, action, name, "-p", port)
-                        n += 1
-                        if action == "status":
-                            ok = status_of(res) == truth[name]
-                        else:
-                            ok = res.rc == 0
-                            truth[name] = action
-                        if not ok:
-                            wrong.append("%s -p %s %s %s: %r" % (kind, port, action, name, res))
+                n += fence_round(kind, topo, key, ("a1", "b1", "a3", "b3", "b2"), truth,
+                                 wrong, "-p", port)
         # nobody has it: C (node 2, the highest) answers 0 for off; our daemon does not
         # take that from a member that does not store the domain, and answers FAIL
         res = ask("ours", topo, key, "off", "nowhere", "-p", "1229")
